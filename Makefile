@@ -1,0 +1,25 @@
+# Two entry points: `make demo` and `make test`. Both create .venv when missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean
+
+$(BIN)/.installed: requirements.txt requirements-torch.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -r requirements-torch.txt
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install -e . --no-deps
+	touch $@
+
+setup: $(BIN)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+demo: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh
+
+clean:
+	rm -rf runs demo_out

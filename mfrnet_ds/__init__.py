@@ -1,1 +1,14 @@
-"""mfrnet-ds."""
+"""mfrnet-ds: MFRNet (sparse-MoE multi-modal ReID) trained with DeepSpeed.
+
+Public API: `load_config(path, overrides=())`, `build_model(config)`; `mfrnet_ds.metrics.evaluate_rank`.
+"""
+from mfrnet_ds.config import Config, ConfigError, load_config
+
+
+def build_model(config, rank: int = 0):
+    # Imported on use: the model pulls in DeepSpeed and timm, which take seconds to import.
+    from mfrnet_ds.model import build_model as _build
+    return _build(config, rank)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "build_model"]

@@ -1,0 +1,326 @@
+"""One typed configuration for a run: model, data, loss, optimiser, training, tracking.
+
+A run is described by a YAML file (see `configs/`) plus dotted `key=value` overrides, e.g.
+`model.frm.num_experts=8 train.epochs=3`. Everything is checked before any work starts: unknown keys,
+wrong types and MoE/batch settings that cannot work fail with a `ConfigError` naming the key, the
+value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class MoEConfig:
+    """Settings shared by both MoE kinds (generation experts and representation experts)."""
+    num_experts: int = 6
+    hidden: Optional[int] = None      # expert hidden width; None -> a fixed ratio of the backbone width
+    dropout: float = 0.1
+    router: Literal["cosine", "linear"] = "cosine"
+    top_k: int = 1
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    gate_noise: Literal["none", "RSample", "Jitter"] = "RSample"
+    aux_weight: float = 0.01          # per MoE layer, as the paper intends (the reference used 12x this)
+    ep_size: int = 1                  # expert-parallel ranks the experts of one layer are spread over
+
+
+@dataclass
+class FFMConfig(MoEConfig):
+    """Feature Fusion Module: two generators (A: RGB and NIR targets, B: TIR targets)."""
+    enabled: bool = True
+    num_experts: int = 3
+
+
+@dataclass
+class FRMConfig(MoEConfig):
+    """Feature Representation Module: MoE replacing the MLP of the listed blocks (negative = from the end)."""
+    blocks: list[int] = field(default_factory=lambda: [-1])
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    img_size: tuple[int, int] = (256, 128)   # (H, W): 256x128 persons, 128x256 vehicles
+    num_cameras: int = 4                     # the trainer takes both counts from the shard manifest
+    num_classes: Optional[int] = None        # training identities; None = no classifier (inference)
+    sie_coef: float = 1.0
+    head: Literal["concat", "per_modality"] = "concat"
+    drop_path: float = 0.0
+    pretrained: str = ""                     # local file: OpenAI CLIP (.pt / visual.* keys) or timm format
+    ffm: FFMConfig = field(default_factory=FFMConfig)
+    frm: FRMConfig = field(default_factory=FRMConfig)
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""                         # folder written by shards/build.py (holds manifest.json)
+    num_instances: int = 8                   # K of the P x K identity-balanced batch
+    num_workers: int = 2
+    aligned_augment: bool = True             # one flip/crop/erase draw for the three aligned images
+    eval_batch: int = 64
+
+
+@dataclass
+class LossConfig:
+    id_weight: float = 0.25
+    label_smoothing: float = 0.1
+    triplet_weight: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3.5e-4                      # new modules (MoE, weight heads, neck, classifier)
+    backbone_lr: float = 5e-6               # pretrained CLIP tower
+    weight_decay: float = 1e-4
+    bias_lr_factor: float = 2.0
+    warmup_epochs: int = 10
+    warmup_factor: float = 0.1              # warm-up starts at this fraction of the lr
+    min_lr_factor: float = 0.001            # cosine floor as a fraction of the lr
+    grad_clip: float = 0.0                  # 0 = off; passed to DeepSpeed's gradient_clipping
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 45
+    global_batch: int = 64                  # P x K identities x instances, summed over all ranks
+    micro_batch: Optional[int] = None       # per rank per forward; derived when None
+    grad_accum: Optional[int] = None        # derived when None
+    steps_per_epoch: Optional[int] = None   # None: train samples // global batch
+    log_every: int = 10
+    eval_every: int = 5                     # epochs; the last epoch is always evaluated
+    ckpt_every: int = 0                     # steps; 0 = at the end of every epoch only
+    seed: int = 0
+    out_dir: str = "runs/default"
+    on_nan: Literal["skip", "stop"] = "stop"
+    deepspeed_config: str = "ds_configs/cpu.json"
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = ""                    # default: the dataset name from the shard manifest
+    run_name: str = ""
+    uri: str = ""                           # default: MLFLOW_TRACKING_URI, else sqlite in out_dir
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> typed dataclasses, with the key named in every error.
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Read a YAML experiment file (or the defaults when `path` is None) and apply `key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. model.frm.num_experts=8")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    config = _build(Config, data, "")
+    check(config)
+    return config
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys in "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in the annotated type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list, e.g. [{', '.join('1' for _ in args[:2])}]")
+        if origin is tuple and len(value) != len(args):
+            raise ConfigError(f"{key}={value!r}: expected {len(args)} values")
+        items = [_coerce(args[i] if origin is tuple else args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return str(value)
+    raise TypeError(f"{key}: unsupported annotation {tp}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need more than one value.
+
+def check(config: Config, world_size: int | None = None) -> None:
+    """Fail on settings that cannot work; with `world_size`, also the ones that depend on it."""
+    from mfrnet_ds.model.presets import PRESETS  # late: presets import model code
+
+    m = config.model
+    if m.preset not in PRESETS:
+        raise ConfigError(f"model.preset={m.preset!r}: expected one of {', '.join(sorted(PRESETS))}")
+    depth = PRESETS[m.preset].depth
+    for i, h in enumerate(m.img_size):
+        if h <= 0 or h % 16:
+            raise ConfigError(f"model.img_size[{i}]={h}: expected a positive multiple of the patch size 16")
+    if m.num_cameras < 1:
+        raise ConfigError(f"model.num_cameras={m.num_cameras}: expected >= 1")
+    for i, b in enumerate(m.frm.blocks):
+        if not -depth <= b < depth:
+            raise ConfigError(f"model.frm.blocks[{i}]={b}: preset {m.preset!r} has {depth} blocks "
+                              f"(allowed {-depth}..{depth - 1})")
+    for name, moe in (("model.ffm", m.ffm), ("model.frm", m.frm)):
+        _check_moe(name, moe, world_size)
+
+    t = config.train
+    k = config.data.num_instances
+    if k < 1:
+        raise ConfigError(f"data.num_instances={k}: expected >= 1")
+    if t.global_batch % k:
+        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by data.num_instances={k}: "
+                          f"a batch is P identities x K instances")
+    if t.epochs < 1:
+        raise ConfigError(f"train.epochs={t.epochs}: expected >= 1")
+    if world_size is not None:
+        derive_batch(config, world_size)
+
+
+def _check_moe(name: str, moe: MoEConfig, world_size: int | None) -> None:
+    if moe.num_experts < 1:
+        raise ConfigError(f"{name}.num_experts={moe.num_experts}: expected >= 1")
+    if moe.ep_size < 1 or moe.num_experts % moe.ep_size:
+        raise ConfigError(f"{name}.ep_size={moe.ep_size}: must divide {name}.num_experts={moe.num_experts} "
+                          f"(allowed: {', '.join(str(d) for d in _divisors(moe.num_experts))})")
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ConfigError(f"{name}.top_k={moe.top_k}: expected 1..{name}.num_experts ({moe.num_experts})")
+    if moe.capacity_factor <= 0 or moe.eval_capacity_factor <= 0:
+        raise ConfigError(f"{name}: capacity factors must be > 0")
+    if world_size is not None and world_size % moe.ep_size:
+        raise ConfigError(f"{name}.ep_size={moe.ep_size} does not divide the world size {world_size} "
+                          f"(allowed: {', '.join(str(d) for d in _divisors(world_size))})")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def derive_batch(config: Config, world_size: int) -> tuple[int, int]:
+    """Return (micro_batch, grad_accum) with global = micro x accum x world; fail clearly on a conflict."""
+    t = config.train
+    k = config.data.num_instances
+    g = t.global_batch
+    if g % world_size:
+        raise ConfigError(f"train.global_batch={g} is not divisible by the data-parallel world size {world_size}")
+    per_rank = g // world_size
+    micro, accum = t.micro_batch, t.grad_accum
+    if micro is None and accum is None:
+        accum = 1
+    if micro is None:
+        if per_rank % accum:
+            raise ConfigError(f"train.grad_accum={accum}: global batch {g} / world {world_size} = {per_rank} "
+                              f"per rank is not divisible by it")
+        micro = per_rank // accum
+    elif accum is None:
+        if micro <= 0 or per_rank % micro:
+            raise ConfigError(f"train.micro_batch={micro}: must divide the per-rank batch {per_rank} "
+                              f"(global {g} / world {world_size})")
+        accum = per_rank // micro
+    if micro * accum * world_size != g:
+        raise ConfigError(f"train.micro_batch={micro} x train.grad_accum={accum} x world {world_size} = "
+                          f"{micro * accum * world_size}, but train.global_batch={g}")
+    if micro % k:
+        raise ConfigError(f"micro batch {micro} (global {g} / world {world_size} / accumulation {accum}) is not "
+                          f"divisible by data.num_instances={k}: each micro batch holds whole P x K groups")
+    return micro, accum
+
+
+def expert_hidden(moe: MoEConfig, width: int, ratio: float) -> int:
+    """Expert hidden width: configured, else `ratio` x the backbone width (768 -> 512 or 1024)."""
+    return moe.hidden if moe.hidden is not None else max(1, math.ceil(width * ratio))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": value}, for logging a config as run parameters."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

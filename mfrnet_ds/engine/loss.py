@@ -1,0 +1,30 @@
+"""Training losses: identity (label-smoothed CE), batch-hard soft-margin triplet, MoE aux. A dict of named parts."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mfrnet_ds.config import LossConfig
+
+
+def batch_hard_triplet(feat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Soft-margin triplet on the hardest positive and hardest negative of each anchor (Hermans et al.)."""
+    dist = torch.cdist(feat.float(), feat.float())                     # (B, B) Euclidean
+    same = labels[:, None] == labels[None, :]
+    hardest_pos = (dist * same).amax(dim=1)
+    hardest_neg = dist.masked_fill(same, float("inf")).amin(dim=1)
+    valid = torch.isfinite(hardest_neg)          # an anchor with no negative in the batch has no triplet
+    if not valid.any():
+        return feat.new_zeros(())
+    return F.softplus(hardest_pos[valid] - hardest_neg[valid]).mean()
+
+
+def compute_losses(out, labels: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """Sum over the model's features (one for the concat head, three for the per-modality head)."""
+    loss_id = sum(F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                  for logits in out.logits)
+    loss_tri = sum(batch_hard_triplet(f, labels) for f in out.features)
+    parts = {"loss_id": cfg.id_weight * loss_id, "loss_tri": cfg.triplet_weight * loss_tri,
+             "loss_aux": out.aux_loss.float()}
+    parts["loss"] = parts["loss_id"] + parts["loss_tri"] + parts["loss_aux"]
+    return parts

@@ -1,0 +1,111 @@
+"""MFRNet assembled: shared ViT over the three modalities, FFM after the embedding, FRM in the blocks, heads.
+
+Shapes: B samples, M=3 modalities (rgb, nir, tir), T tokens (CLS + patches), D width, P projection.
+The three images of a sample share one backbone: they are stacked modality-major on the batch axis
+(3B, ...) and split again after.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mfrnet_ds.config import ModelConfig
+from mfrnet_ds.model.backbone import build_vit, install_frm
+from mfrnet_ds.model.fusion import MODALITIES, FeatureFusion
+from mfrnet_ds.model.layers import BNNeck, CameraEmbedding, TokenReduction
+from mfrnet_ds.model.moe import SparseMoE, moe_layers
+from mfrnet_ds.model.presets import PRESETS
+
+MISSING_SETTINGS = ("r", "n", "t", "rn", "rt", "nt")   # the paper's M(RGB) ... M(NIR+TIR)
+_LETTERS = "rnt"
+
+
+@dataclass
+class MFRNetOutput:
+    features: list[torch.Tensor]   # pre-BN features for the triplet loss: one (B, 3P) or three (B, P)
+    logits: list[torch.Tensor]     # one per feature (training mode only)
+    embedding: torch.Tensor        # (B, 3P) L2-normalised test embedding
+    aux_loss: torch.Tensor         # sum over MoE layers of weight x load-balancing loss
+
+
+class MFRNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        preset = PRESETS[cfg.preset]
+        self.cfg = cfg
+        self.vit = build_vit(preset, cfg.img_size, cfg.drop_path)
+        self.frm_blocks = install_frm(self.vit, cfg.frm)
+        self.camera = CameraEmbedding(cfg.num_cameras, preset.width, cfg.sie_coef)
+        self.ffm = FeatureFusion(preset.width, cfg.ffm) if cfg.ffm.enabled else None
+        P = preset.proj_dim
+        if cfg.head == "concat":
+            self.necks = nn.ModuleList([BNNeck(3 * P, cfg.num_classes)])
+            self.reductions = None
+        else:
+            self.necks = nn.ModuleList([BNNeck(P, cfg.num_classes) for _ in MODALITIES])
+            self.reductions = nn.ModuleList([TokenReduction(P) for _ in MODALITIES])
+
+    @property
+    def moe_layers(self) -> list[SparseMoE]:
+        return moe_layers(self)
+
+    def forward(self, images: torch.Tensor, camids: torch.Tensor, missing: str = "") -> MFRNetOutput:
+        """images: (B, 3, C, H, W) in modality order rgb, nir, tir; camids: (B,);
+        missing: letters of absent modalities ("", "r", "nt", ...): those images are treated as zeros."""
+        B = images.shape[0]
+        absent = _parse_missing(missing)
+        if absent:
+            keep = torch.tensor([m not in absent for m in range(3)], device=images.device)
+            images = images * keep.view(1, 3, 1, 1, 1).to(images.dtype)
+        x = images.transpose(0, 1).reshape(3 * B, *images.shape[2:])       # (3B, C, H, W)
+        x = self.vit.patch_embed(x)
+        x = self.vit._pos_embed(x)                                          # (3B, T, D)
+        x = self.camera(x, camids.repeat(3))
+        if self.ffm is not None:
+            per = [None if m in absent else t for m, t in enumerate(x.chunk(3))]
+            x = torch.cat(self.ffm(per))                                    # (3B, T, D)
+        x = self.vit.norm_pre(x)
+        x = self.vit.blocks(x)
+        x = self.vit.norm(x)
+        features = self._head_features(x, B)
+        logits = [neck(f) for neck, f in zip(self.necks, features)] if self.training else []
+        embedding = F.normalize(torch.cat(features, dim=1), dim=1)
+        return MFRNetOutput(features, logits, embedding, self._aux_loss(x))
+
+    def _head_features(self, x: torch.Tensor, B: int) -> list[torch.Tensor]:
+        if self.reductions is None:
+            cls = self.vit.head(x[:, 0])                                    # (3B, P)
+            return [cls.reshape(3, B, -1).transpose(0, 1).reshape(B, -1)]   # (B, 3P): [rgb | nir | tir]
+        tokens = self.vit.head(x).chunk(3)                                  # 3 x (B, T, P)
+        return [red(t) for red, t in zip(self.reductions, tokens)]          # 3 x (B, P)
+
+    def _aux_loss(self, like: torch.Tensor) -> torch.Tensor:
+        losses = [m.aux_loss for m in self.moe_layers]
+        return torch.stack(losses).sum() if losses else like.new_zeros(())
+
+    def moe_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per MoE layer, from the last forward on this rank: tokens per expert and dropped fraction."""
+        return {m.name: {"counts": m.expert_counts, "dropped": m.dropped_fraction} for m in self.moe_layers}
+
+    def param_groups_by_role(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters split into the pretrained backbone and the modules MFRNet adds (different lrs)."""
+        new_prefixes = ("camera.", "ffm.", "necks.", "reductions.")
+        out: dict[str, list] = {"backbone": [], "new": []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_new = name.startswith(new_prefixes) or ".moe." in name
+            out["new" if is_new else "backbone"].append((name, p))
+        return out
+
+
+def _parse_missing(missing: str) -> set[int]:
+    if not missing:
+        return set()
+    if missing not in MISSING_SETTINGS:
+        raise ValueError(f"missing={missing!r}: expected '' or one of {', '.join(MISSING_SETTINGS)} "
+                         f"(letters of the absent modalities: r=RGB, n=NIR, t=TIR)")
+    return {_LETTERS.index(c) for c in missing}

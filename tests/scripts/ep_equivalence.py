@@ -1,0 +1,60 @@
+"""Run under `deepspeed --num_gpus 2`: FRM with ep_size=2 must equal the ep_size=1 model, then train 10 steps.
+
+Writes OUT/rank<R>.json with the max output difference and the loss curve; tests/test_model_dist.py reads it.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from mfrnet_ds import build_model, load_config
+from mfrnet_ds.engine import dist as D
+from mfrnet_ds.engine.loss import compute_losses
+from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
+from mfrnet_ds.model.moe import shard_state_dict
+
+p = argparse.ArgumentParser()
+p.add_argument("--out", required=True)
+p.add_argument("--local_rank", type=int, default=-1)
+args = p.parse_args()
+
+info = D.init_distributed(args.local_rank)
+common = ["model.img_size=[64,32]", "model.num_classes=4", "optim.backbone_lr=3.5e-4", "data.num_instances=2",
+          "train.global_batch=16", "model.frm.gate_noise=none", "model.ffm.gate_noise=none"]
+ref = build_model(load_config(None, common))                     # ep_size 1: all six experts here
+cfg = load_config(None, common + ["model.frm.ep_size=2"])
+model = build_model(cfg, rank=info.rank)
+ref_sd = ref.state_dict()
+init_equal = all(torch.equal(v, ref_sd_v) for v, ref_sd_v in
+                 zip(model.state_dict().values(), shard_state_dict(ref_sd, model, info.rank).values()))
+model.load_state_dict(shard_state_dict(ref_sd, model, info.rank))
+
+engine = D.initialize(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, info.device),
+                      build_scheduler(100, 0, cfg.optim), D.deepspeed_config(cfg, info.world_size), info)
+
+g = torch.Generator().manual_seed(100 + info.rank)               # each rank its own input
+images = torch.randn(8, 3, 3, 64, 32, generator=g)
+camids = torch.randint(0, 4, (8,), generator=g)
+labels = torch.arange(4).repeat_interleave(2)
+engine.eval(); ref.eval()
+with torch.no_grad():
+    got = engine(images, camids).embedding
+    want = ref(images, camids).embedding
+    got_missing = engine(images, camids, missing="n").embedding
+    want_missing = ref(images, camids, missing="n").embedding
+diff = max((got - want).abs().max().item(), (got_missing - want_missing).abs().max().item())
+
+engine.train()
+losses = []
+for step in range(10):
+    out = engine(images, camids)
+    parts = compute_losses(out, labels, cfg.loss)
+    engine.backward(parts["loss"])
+    engine.step()
+    losses.append(parts["loss"].item())
+local = [n for n, _ in engine.module.named_parameters() if ".deepspeed_experts." in n and n.startswith("vit.")]
+Path(args.out).mkdir(parents=True, exist_ok=True)
+Path(args.out, f"rank{info.rank}.json").write_text(json.dumps(
+    {"world": info.world_size, "init_equal": init_equal, "max_diff": diff, "losses": losses,
+     "local_frm_expert_params": len(local)}))

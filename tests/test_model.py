@@ -1,0 +1,134 @@
+import pytest
+import torch
+
+from mfrnet_ds import build_model, load_config
+from mfrnet_ds.engine.loss import compute_losses
+from mfrnet_ds.model import MISSING_SETTINGS
+
+
+def tiny(*overrides, size=(64, 32)):
+    return load_config(None, [f"model.img_size=[{size[0]},{size[1]}]", "model.num_classes=5", *overrides])
+
+
+def batch(b, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, 3, *size, generator=g), torch.randint(0, 4, (b,), generator=g)
+
+
+@pytest.mark.parametrize("size, head", [((256, 128), "concat"), ((128, 256), "per_modality")])
+def test_forward_backward_both_orientations(size, head):
+    cfg = tiny(f"model.head={head}", size=size)
+    model = build_model(cfg).train()
+    images, camids = batch(4, size)
+    out = model(images, camids)
+    P = 32
+    assert out.embedding.shape == (4, 3 * P)
+    assert torch.allclose(out.embedding.norm(dim=1), torch.ones(4))
+    assert len(out.features) == (1 if head == "concat" else 3) == len(out.logits)
+    assert all(l.shape == (4, 5) for l in out.logits)
+    assert torch.isfinite(out.aux_loss) and out.aux_loss > 0
+    parts = compute_losses(out, torch.tensor([0, 0, 1, 1]), cfg.loss)
+    parts["loss"].backward()
+    experts = [p for n, p in model.named_parameters() if ".deepspeed_experts." in n]
+    assert experts and all(p.grad is not None for p in experts[:4])
+    assert model.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_aux_counted_once_per_layer_per_forward():
+    model = build_model(tiny()).train()
+    images, camids = batch(2, (64, 32))
+    out = model(images, camids)
+    names = sorted(model.moe_stats())
+    assert names == ["ffm.A", "ffm.B", "frm.3"]
+    expected = sum(m.aux_loss for m in model.moe_layers)
+    assert torch.allclose(out.aux_loss, expected)
+    assert out.aux_loss > 0
+    # the configured weight multiplies each layer's loss (eval: no gate noise, deterministic routing)
+    w1, w2 = (build_model(tiny(f"model.frm.aux_weight={w}", f"model.ffm.aux_weight={w}")).eval() for w in (0.01, 0.03))
+    with torch.no_grad():
+        assert torch.allclose(w2(images, camids).aux_loss, 3 * w1(images, camids).aux_loss)
+
+
+def test_batch_of_one_goes_through_both_moe_paths():
+    model = build_model(tiny()).eval()
+    images, camids = batch(1, (64, 32))
+    with torch.no_grad():
+        out = model(images, camids)
+    tokens = 3 * (1 + 4 * 2)  # three modalities x (CLS + 4x2 patches)
+    for name, s in model.moe_stats().items():
+        assert s["counts"].sum().item() == tokens, name
+    assert torch.isfinite(out.embedding).all()
+
+
+def test_experts_distinct_weights_and_tokens():
+    model = build_model(tiny("model.frm.num_experts=4")).eval()
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    hooks = []
+    for layer in model.moe_layers:
+        for i, expert in enumerate(layer.local_experts):
+            hooks.append(expert.register_forward_hook(
+                lambda mod, inp, out, key=(layer.name, i): seen.__setitem__(key, inp[0].detach())))
+    images, camids = batch(4, (64, 32))
+    with torch.no_grad():
+        model(images, camids)
+    for layer in model.moe_layers:
+        weights = [e.fc1.weight for e in layer.local_experts]
+        for a in range(len(weights)):
+            for b in range(a + 1, len(weights)):
+                assert not torch.allclose(weights[a], weights[b]), (layer.name, a, b)
+        # slots an expert gets no token for are zero rows; compare the tokens actually received
+        received = [seen[(layer.name, i)].reshape(-1, seen[(layer.name, i)].shape[-1]) for i in range(len(weights))]
+        received = [r[r.abs().sum(1) > 0] for r in received]
+        busy = [r for r in received if len(r)]
+        assert len(busy) >= 2, layer.name
+        for a in range(len(busy)):
+            for b in range(a + 1, len(busy)):
+                assert busy[a].shape != busy[b].shape or not torch.equal(busy[a], busy[b])
+    for h in hooks:
+        h.remove()
+
+
+def test_missing_modalities_rebuild_from_present():
+    model = build_model(tiny()).eval()
+    images, camids = batch(3, (64, 32))
+    with torch.no_grad():
+        full = model(images, camids).embedding
+        for missing in MISSING_SETTINGS:
+            emb = model(images, camids, missing=missing).embedding
+            assert torch.isfinite(emb).all(), missing
+            assert not torch.allclose(emb, full, atol=1e-4), missing
+            # the absent image's content must not matter
+            noisy = images.clone()
+            for c in missing:
+                noisy[:, "rnt".index(c)] = torch.randn_like(noisy[:, 0])
+            assert torch.allclose(model(noisy, camids, missing=missing).embedding, emb, atol=1e-6), missing
+    with pytest.raises(ValueError, match="missing='rnt'"):
+        model(images, camids, missing="rnt")
+
+
+def test_same_config_same_weights_and_routers():
+    a = build_model(tiny()).state_dict()
+    b = build_model(tiny()).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = build_model(tiny("train.seed=1")).state_dict()
+    assert not torch.equal(a["vit.blocks.3.mlp.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight"],
+                           c["vit.blocks.3.mlp.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight"])
+
+
+@pytest.mark.parametrize("router, k", [("linear", 1), ("cosine", 2), ("linear", 3)])
+def test_router_kinds_and_top_k(router, k):
+    model = build_model(tiny(f"model.frm.router={router}", f"model.frm.top_k={k}",
+                             "model.frm.drop_tokens=false")).train()
+    images, camids = batch(2, (64, 32))
+    out = model(images, camids)
+    s = model.moe_stats()["frm.3"]
+    assert s["counts"].sum().item() == k * 2 * 3 * 9   # every route of 2 samples x 3 modalities x 9 tokens
+    assert s["dropped"].item() == 0.0       # no capacity limit when tokens are not dropped
+    out.aux_loss.backward()
+
+
+def test_capacity_drops_tokens_and_is_reported():
+    model = build_model(tiny("model.frm.capacity_factor=0.25", "model.frm.min_capacity=1")).train()
+    images, camids = batch(4, (64, 32))
+    model(images, camids)
+    assert model.moe_stats()["frm.3"]["dropped"].item() >= 0.7

@@ -132,3 +132,16 @@ def test_capacity_drops_tokens_and_is_reported():
     images, camids = batch(4, (64, 32))
     model(images, camids)
     assert model.moe_stats()["frm.3"]["dropped"].item() >= 0.7
+
+
+def test_summary_table_for_base(capsys):
+    from mfrnet_ds.summary import main
+    assert main(["model.preset=base", "model.num_classes=171"]) == 0
+    out = capsys.readouterr().out
+    rows = {line[:40].strip(): line[40:].split() for line in out.splitlines()[2:-1]}
+    total, active = (int(x.replace(",", "")) for x in rows["total"])
+    assert 90e6 < total < 100e6 and active < total
+    frm_total, frm_active = (int(x.replace(",", "")) for x in rows["FRM (representation experts)"])
+    expert = 768 * 512 + 512 + 512 * 768 + 768
+    assert frm_total - frm_active == 5 * expert          # top-1 of 6: five experts idle per token
+    assert "GFLOPs per triplet" in out

@@ -103,11 +103,13 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None   # None: train samples // global batch
     log_every: int = 10
     eval_every: int = 5                     # epochs; the last epoch is always evaluated
+    eval_first: bool = False                # also evaluate the untrained model (step 0)
     ckpt_every: int = 0                     # steps; 0 = at the end of every epoch only
     seed: int = 0
     out_dir: str = "runs/default"
     on_nan: Literal["skip", "stop"] = "stop"
     deepspeed_config: str = "ds_configs/cpu.json"
+    collective_timeout_s: float = 600.0     # a rank waiting longer than this on the others fails, never hangs
 
 
 @dataclass

@@ -1,0 +1,259 @@
+"""The training loop: P x K batches -> forward -> losses -> backward -> step, with logging, evaluation
+and checkpoints around it. One obvious path from batch to step; periodic work in small functions."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from mfrnet_ds.config import Config, ConfigError, check, derive_batch, flatten
+from mfrnet_ds.engine import ckpt
+from mfrnet_ds.engine import dist as D
+from mfrnet_ds.engine.loss import compute_losses
+from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
+from mfrnet_ds.eval.embed import evaluate
+from mfrnet_ds.model import MISSING_SETTINGS, build_model
+from mfrnet_ds.stream.pipeline import read_manifest, train_loader
+from mfrnet_ds.tracking import make_tracker
+
+log = logging.getLogger("mfrnet_ds.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Plan:
+    micro: int
+    accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def with_dataset(config: Config, manifest: dict) -> Config:
+    """Take the classifier size and camera count from the shard manifest where the config leaves them open."""
+    m = config.model
+    num_classes = m.num_classes if m.num_classes is not None else manifest["num_classes"]
+    if num_classes != manifest["num_classes"]:
+        raise ConfigError(f"model.num_classes={num_classes} but the shards hold {manifest['num_classes']} "
+                          f"training identities")
+    if manifest["num_cameras"] > m.num_cameras:
+        raise ConfigError(f"model.num_cameras={m.num_cameras} but the shards use {manifest['num_cameras']} cameras")
+    img = tuple(manifest["image_size"])
+    if tuple(m.img_size) != img:
+        log.warning("model.img_size=%s differs from the dataset's native %s: images are resized", m.img_size, img)
+    return replace(config, model=replace(m, num_classes=num_classes))
+
+
+def make_plan(config: Config, manifest: dict, world_size: int) -> Plan:
+    micro, accum = derive_batch(config, world_size)
+    t = config.train
+    spe = t.steps_per_epoch or max(1, manifest["splits"]["train"]["num_samples"] // t.global_batch)
+    return Plan(micro, accum, spe, spe * t.epochs, spe * config.optim.warmup_epochs)
+
+
+def engine_dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path: str | None = None) -> dict:
+    """Train (or resume) a run in `config.train.out_dir`; returns the final metrics on rank 0."""
+    out_dir = Path(config.train.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    manifest = read_manifest(config.data.shards)
+    config = with_dataset(config, manifest)
+    check(config, info.world_size)
+    ds_config = D.deepspeed_config(config, info.world_size, ds_config_path)
+    plan = make_plan(config, manifest, info.world_size)
+
+    model = build_model(config, rank=info.rank)
+    groups = param_groups(model, config.optim)
+    engine = D.initialize(model, build_optimizer(groups, config.optim, info.device),
+                          build_scheduler(plan.total_steps, plan.warmup_steps, config.optim), ds_config, info)
+    dtype = engine_dtype(engine)
+
+    # client state saved in every checkpoint; the config lets `mfrnet_ds.export` rebuild the model
+    state = {"step": 0, "best_map": -1.0, "run_id": None, "history": [], "config": config.to_dict()}
+    if resume:
+        found = ckpt.read_pointer(ckpt_dir, "latest")
+        if found is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_dir}")
+        state.update(ckpt.load(engine, ckpt_dir, found, info.rank))
+        if info.is_main:
+            log.info("resumed from %s at step %d", ckpt_dir / found, state["step"])
+
+    tracker = make_tracker(config, info, manifest, ds_config, state.get("run_id"))
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        (out_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+        state["run_id"] = tracker.run_id
+        _log_start(config, info, plan, manifest, model)
+
+    eval_kw = dict(img_size=config.model.img_size, batch_size=config.data.eval_batch, rank=info.rank,
+                   world_size=info.world_size, device=info.device, num_workers=config.data.num_workers,
+                   progress=info.is_main, dtype=dtype)
+    metrics = {}
+    try:
+        if config.train.eval_first and state["step"] == 0:
+            metrics = _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir, missing_too=False,
+                                keep_best=False)
+            if info.is_main:
+                (out_dir / "metrics_untrained.json").write_text(json.dumps(metrics, indent=2))
+        while state["step"] < plan.total_steps:
+            epoch, in_epoch = divmod(state["step"], plan.steps_per_epoch)
+            _train_epoch(engine, config, info, plan, manifest, state, epoch, in_epoch, dtype, tracker, ckpt_dir)
+            last = epoch + 1 == config.train.epochs
+            if last or (epoch + 1) % config.train.eval_every == 0:
+                metrics = _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
+                                    missing_too=last)
+            if config.train.ckpt_every == 0 or last:
+                _save(engine, ckpt_dir, state, info)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    if info.is_main:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tracker.log_artifact(out_dir / "metrics.json")
+        tracker.log_artifact(out_dir / "config.json")
+    tracker.close("FINISHED")
+    return metrics
+
+
+def _train_epoch(engine, config, info, plan, manifest, state, epoch, in_epoch, dtype, tracker, ckpt_dir):
+    loader = train_loader(config.data.shards, batch_size=plan.micro, num_instances=config.data.num_instances,
+                          img_size=config.model.img_size, batches_per_epoch=plan.steps_per_epoch * plan.accum,
+                          num_workers=config.data.num_workers, seed=config.train.seed, epoch=epoch,
+                          rank=info.rank, world_size=info.world_size, start_batch=in_epoch * plan.accum,
+                          aligned=config.data.aligned_augment)
+    with torch.random.fork_rng(devices=[]):   # starting the loader must not move the training RNG (resume)
+        batches = iter(loader)
+    bar = tqdm(total=plan.steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{config.train.epochs}",
+               disable=not info.is_main, dynamic_ncols=True)
+    engine.train()
+    window = {"t0": time.perf_counter(), "samples": 0}
+    parts = None
+    for micro_index, batch in enumerate(batches):
+        images = batch["images"].to(info.device, dtype=dtype, non_blocking=True)
+        labels = batch["labels"].to(info.device)
+        out = engine(images, batch["camids"].to(info.device))
+        parts = compute_losses(out, labels, config.loss)
+        if not _all_finite(parts["loss"], info):
+            msg = f"non-finite loss at step {state['step'] + 1} (epoch {epoch + 1}): " + \
+                  ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+            if config.train.on_nan == "stop":
+                raise NonFiniteLoss(msg + "; set train.on_nan=skip to skip such batches")
+            if info.is_main:
+                log.warning("%s; batch skipped", msg)
+            continue
+        engine.backward(parts["loss"])
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        window["samples"] += images.shape[0] * info.world_size
+        if not boundary:
+            continue
+        state["step"] += 1
+        bar.update(1)
+        if state["step"] % config.train.log_every == 0 or state["step"] == plan.total_steps:
+            _log_step(engine, parts, state, window, info, tracker, bar)
+        if config.train.ckpt_every and state["step"] % config.train.ckpt_every == 0:
+            _save(engine, ckpt_dir, state, info)
+        if state["step"] % plan.steps_per_epoch == 0:
+            break
+    bar.close()
+
+
+def _all_finite(loss: torch.Tensor, info) -> bool:
+    # Every rank must agree to skip: the MoE all-to-all in backward needs all ranks.
+    flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
+    if info.world_size > 1:
+        dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def _log_step(engine, parts, state, window, info, tracker, bar):
+    elapsed = time.perf_counter() - window["t0"]
+    values = {k: v.detach().float() for k, v in parts.items()}
+    stacked = torch.stack(list(values.values()))
+    moe = engine.module.moe_stats()
+    counts = [s["counts"].float() for s in moe.values()]
+    dropped = torch.stack([s["dropped"].float() for s in moe.values()]) if moe else torch.zeros(0)
+    if info.world_size > 1:   # average over ranks; expert counts summed (each rank routes its own tokens)
+        dist.all_reduce(stacked)
+        stacked /= info.world_size
+        for c in counts:
+            dist.all_reduce(c)
+        dist.all_reduce(dropped)
+        dropped /= info.world_size
+    if not info.is_main:
+        window.update(t0=time.perf_counter(), samples=0)
+        return
+    metrics = dict(zip(values, stacked.tolist()))
+    metrics["lr"] = engine.get_lr()[0]
+    metrics["samples_per_s"] = window["samples"] / max(elapsed, 1e-9)
+    loads = []
+    for (name, _), c, d in zip(moe.items(), counts, dropped.tolist()):
+        share = (c / c.sum().clamp_min(1)).tolist()
+        metrics.update({f"expert_load/{name}/{e}": s for e, s in enumerate(share)})
+        metrics[f"dropped/{name}"] = d
+        loads.append(f"{name}[{' '.join(f'{s:.2f}' for s in share)}] drop {d:.2f}")
+    tracker.log_metrics(metrics, state["step"])
+    state["history"].append({"step": state["step"], "loss": metrics["loss"]})
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+    bar.write(f"step {state['step']:>6} loss {metrics['loss']:.4f} (id {metrics['loss_id']:.4f} "
+              f"tri {metrics['loss_tri']:.4f} aux {metrics['loss_aux']:.4f}) lr {metrics['lr']:.2e} "
+              f"{metrics['samples_per_s']:.1f} samples/s | " + " | ".join(loads))
+    window.update(t0=time.perf_counter(), samples=0)
+
+
+def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir, missing_too, keep_best=True):
+    settings = [""] + (list(MISSING_SETTINGS) if missing_too and manifest["dataset"] == "rgbnt201" else [])
+    metrics = {}
+    for missing in settings:
+        r = evaluate(engine, config.data.shards, manifest, missing=missing, **eval_kw)
+        if info.is_main:
+            suffix = f"_missing_{missing}" if missing else ""
+            metrics.update({f"{k}{suffix}": v for k, v in r.items()})
+    best = torch.tensor([metrics.get("mAP", -1.0) if info.is_main else 0.0])
+    if info.world_size > 1:
+        dist.broadcast(best, src=0)
+    if info.is_main:
+        tracker.log_metrics(metrics, state["step"])
+        log.info("eval at step %d: %s", state["step"],
+                 " ".join(f"{k} {v:.2f}" for k, v in metrics.items() if "missing" not in k))
+        for m in settings[1:]:
+            log.info("  missing %-3s mAP %.2f R1 %.2f", m, metrics[f"mAP_missing_{m}"], metrics[f"R1_missing_{m}"])
+    if keep_best and best.item() > state["best_map"]:
+        state["best_map"] = best.item()
+        tag = _save(engine, ckpt_dir, state, info)
+        ckpt.mark_best(ckpt_dir, tag, info.rank)
+    return metrics
+
+
+def _save(engine, ckpt_dir, state, info) -> str:
+    tag = f"step{state['step']:08d}"
+    if ckpt.read_pointer(ckpt_dir, "latest") != tag:
+        ckpt.save(engine, ckpt_dir, tag, state, info.rank)
+    return tag
+
+
+def _log_start(config, info, plan, manifest, model):
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("world %d | %s: %d train samples, %d ids, %d cameras | global batch %d = micro %d x accum %d x world %d"
+             " | %d steps/epoch x %d epochs | %.2fM params on rank 0",
+             info.world_size, manifest["dataset"], manifest["splits"]["train"]["num_samples"],
+             manifest["num_classes"], manifest["num_cameras"], config.train.global_batch, plan.micro, plan.accum,
+             info.world_size, plan.steps_per_epoch, config.train.epochs, n_params / 1e6)

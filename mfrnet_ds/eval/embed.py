@@ -1,0 +1,85 @@
+"""Distributed feature extraction and scoring: each rank embeds a slice, rank 0 gathers once and scores.
+
+The eval loader gives every rank the same number of equal-sized batches (the MoE all-to-all needs equal
+shapes on all ranks); padded rows are marked invalid and dropped after the gather.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from mfrnet_ds.eval.metrics import evaluate_rank
+from mfrnet_ds.stream.pipeline import eval_loader
+
+# Datasets whose protocol filters gallery entries by scene instead of camera (DATASETS.md).
+SCENE_PROTOCOL = {"msvr310"}
+
+
+@torch.no_grad()
+def extract(model, shards: str, split: str, *, img_size, batch_size: int, rank: int, world_size: int,
+            device: torch.device, missing: str = "", num_workers: int = 1, progress: bool = False,
+            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor] | None:
+    """Embeddings of one split, in split order, on rank 0 (None elsewhere)."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("embedding", "pids", "camids", "sceneids", "index",
+                                                             "valid")}
+    loader = eval_loader(shards, split, batch_size=batch_size, img_size=img_size, rank=rank,
+                         world_size=world_size, num_workers=num_workers)
+    with torch.random.fork_rng(devices=[]):   # building the iterator must not move the training RNG
+        batches = iter(loader)
+    for b in tqdm(batches, desc=f"embed {split}{' missing ' + missing if missing else ''}", disable=not progress,
+                  leave=False):
+        images = b["images"].to(device, dtype=dtype, non_blocking=True)
+        out = model(images, b["camids"].to(device), missing=missing)
+        parts["embedding"].append(out.embedding.float().cpu())
+        for k in ("pids", "camids", "sceneids", "index", "valid"):
+            parts[k].append(b[k].cpu())
+    local = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+    model.train(was_training)
+    gathered = _gather_to_rank0(local, rank, world_size)
+    if gathered is None:
+        return None
+    keep = gathered["valid"].bool()
+    order = torch.argsort(gathered["index"][keep])
+    return {k: v[keep][order] for k, v in gathered.items() if k != "valid"}
+
+
+def _gather_to_rank0(local: dict[str, torch.Tensor], rank: int, world_size: int):
+    if world_size == 1:
+        return local
+    # gather_object keeps this backend-agnostic (gloo and NCCL); the payload is a few MB of features.
+    out = [None] * world_size if rank == 0 else None
+    dist.gather_object(local, out, dst=0)
+    if rank != 0:
+        return None
+    return {k: torch.cat([o[k] for o in out]) for k in local}
+
+
+def score(query: dict, gallery: dict, dataset: str) -> dict[str, float]:
+    """mAP and CMC (percent) with the dataset's protocol; squared Euclidean on L2-normalised embeddings."""
+    q, g = query["embedding"], gallery["embedding"]
+    distmat = (2 - 2 * q @ g.t()).clamp_min(0).numpy().astype(np.float64)
+    slot = "sceneids" if dataset in SCENE_PROTOCOL else "camids"
+    cmc, mAP = evaluate_rank(distmat, query["pids"].numpy(), gallery["pids"].numpy(),
+                             query[slot].numpy(), gallery[slot].numpy(), max_rank=min(50, len(g)))
+    cmc = list(cmc) + [cmc[-1]] * max(0, 10 - len(cmc))
+    return {"mAP": 100 * float(mAP), "R1": 100 * float(cmc[0]), "R5": 100 * float(cmc[4]),
+            "R10": 100 * float(cmc[9])}
+
+
+def evaluate(model, shards: str, manifest: dict, *, img_size, batch_size: int, rank: int, world_size: int,
+             device, missing: str = "", num_workers: int = 1, progress: bool = False,
+             dtype: torch.dtype = torch.float32) -> dict[str, float] | None:
+    """Embed query and gallery (once if they are the same shards) and score them; rank 0 gets the numbers."""
+    kw = dict(img_size=img_size, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
+              missing=missing, num_workers=num_workers, progress=progress, dtype=dtype)
+    splits = manifest["splits"]
+    query = extract(model, shards, "query", **kw)
+    same = [s["name"] for s in splits["query"]["shards"]] == [s["name"] for s in splits["gallery"]["shards"]]
+    gallery = query if same else extract(model, shards, "gallery", **kw)
+    if rank != 0:
+        return None
+    return score(query, gallery, manifest["dataset"])

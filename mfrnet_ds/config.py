@@ -33,7 +33,8 @@ class MoEConfig:
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
-    drop_tokens: bool = True
+    drop_tokens: bool = True          # training: tokens over an expert's capacity are dropped
+    eval_drop_tokens: bool = False    # evaluation: off, so an embedding never depends on its batch-mates
     gate_noise: Literal["none", "RSample", "Jitter"] = "RSample"
     aux_weight: float = 0.01          # per MoE layer, as the paper intends (the reference used 12x this)
     ep_size: int = 1                  # expert-parallel ranks the experts of one layer are spread over
@@ -101,9 +102,11 @@ class TrainConfig:
     micro_batch: Optional[int] = None       # per rank per forward; derived when None
     grad_accum: Optional[int] = None        # derived when None
     steps_per_epoch: Optional[int] = None   # None: train samples // global batch
+    max_steps: Optional[int] = None         # stop (with a checkpoint) after this many steps in all
     log_every: int = 10
     eval_every: int = 5                     # epochs; the last epoch is always evaluated
     eval_first: bool = False                # also evaluate the untrained model (step 0)
+    eval_missing: bool = True               # final evaluation adds the six missing-modality settings (RGBNT201)
     ckpt_every: int = 0                     # steps; 0 = at the end of every epoch only
     seed: int = 0
     out_dir: str = "runs/default"

@@ -145,3 +145,12 @@ def test_summary_table_for_base(capsys):
     expert = 768 * 512 + 512 + 512 * 768 + 768
     assert frm_total - frm_active == 5 * expert          # top-1 of 6: five experts idle per token
     assert "GFLOPs per triplet" in out
+
+
+def test_eval_embedding_does_not_depend_on_batch_mates():
+    model = build_model(tiny("model.frm.capacity_factor=0.5", "model.frm.eval_capacity_factor=0.5")).eval()
+    images, camids = batch(6, (64, 32))
+    with torch.no_grad():
+        together = model(images, camids).embedding
+        alone = torch.cat([model(images[i:i + 1], camids[i:i + 1]).embedding for i in range(6)])
+    assert torch.allclose(together, alone, atol=1e-5)

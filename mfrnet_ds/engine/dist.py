@@ -107,3 +107,12 @@ def _check_expert_layout(model, info: DistInfo) -> None:
             if got != want:
                 raise RuntimeError(f"{layer.name}: DeepSpeed put rank {info.rank} at expert-parallel rank {got}, "
                                    f"expected {want}")
+
+
+def engine_dtype(engine) -> torch.dtype:
+    """The dtype inputs must have for this engine (DeepSpeed casts the module, not the batch)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32

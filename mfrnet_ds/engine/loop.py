@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import random
+import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -18,10 +20,10 @@ from mfrnet_ds.engine import ckpt
 from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.loss import compute_losses
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
-from mfrnet_ds.eval.embed import evaluate
+from mfrnet_ds.eval.embed import evaluate_settings, format_table
 from mfrnet_ds.model import MISSING_SETTINGS, build_model
 from mfrnet_ds.stream.pipeline import read_manifest, train_loader
-from mfrnet_ds.tracking import make_tracker
+from mfrnet_ds.tracking import NullTracker, tracker_for_rank
 
 log = logging.getLogger("mfrnet_ds.train")
 
@@ -61,14 +63,6 @@ def make_plan(config: Config, manifest: dict, world_size: int) -> Plan:
     return Plan(micro, accum, spe, spe * t.epochs, spe * config.optim.warmup_epochs)
 
 
-def engine_dtype(engine) -> torch.dtype:
-    if engine.bfloat16_enabled():
-        return torch.bfloat16
-    if engine.fp16_enabled():
-        return torch.float16
-    return torch.float32
-
-
 def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path: str | None = None) -> dict:
     """Train (or resume) a run in `config.train.out_dir`; returns the final metrics on rank 0."""
     out_dir = Path(config.train.out_dir)
@@ -83,19 +77,23 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
     groups = param_groups(model, config.optim)
     engine = D.initialize(model, build_optimizer(groups, config.optim, info.device),
                           build_scheduler(plan.total_steps, plan.warmup_steps, config.optim), ds_config, info)
-    dtype = engine_dtype(engine)
+    dtype = D.engine_dtype(engine)
 
+    # Dropout, gate noise and random token selection draw from the global RNGs: one stream per rank,
+    # fixed by the seed (a resume then restores them from the checkpoint).
+    seed_everything(config.train.seed * 1000 + info.rank)
     # client state saved in every checkpoint; the config lets `mfrnet_ds.export` rebuild the model
-    state = {"step": 0, "best_map": -1.0, "run_id": None, "history": [], "config": config.to_dict()}
+    state = {"step": 0, "best_map": -1.0, "run_id": None, "config": config.to_dict()}
     if resume:
         found = ckpt.read_pointer(ckpt_dir, "latest")
         if found is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_dir}")
-        state.update(ckpt.load(engine, ckpt_dir, found, info.rank))
+        client = ckpt.load(engine, ckpt_dir, found, info.rank)
+        state.update({k: client[k] for k in ("step", "best_map", "run_id") if k in client})
         if info.is_main:
             log.info("resumed from %s at step %d", ckpt_dir / found, state["step"])
 
-    tracker = make_tracker(config, info, manifest, ds_config, state.get("run_id"))
+    tracker = _start_tracking(config, info, manifest, ds_config, state.get("run_id"))
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -113,13 +111,17 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
                                 keep_best=False)
             if info.is_main:
                 (out_dir / "metrics_untrained.json").write_text(json.dumps(metrics, indent=2))
-        while state["step"] < plan.total_steps:
+        end = min(plan.total_steps, config.train.max_steps or plan.total_steps)
+        while state["step"] < end:
             epoch, in_epoch = divmod(state["step"], plan.steps_per_epoch)
-            _train_epoch(engine, config, info, plan, manifest, state, epoch, in_epoch, dtype, tracker, ckpt_dir)
+            _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype, tracker, ckpt_dir)
+            if state["step"] % plan.steps_per_epoch:      # stopped inside an epoch by train.max_steps
+                _save(engine, ckpt_dir, state, info)
+                break
             last = epoch + 1 == config.train.epochs
             if last or (epoch + 1) % config.train.eval_every == 0:
                 metrics = _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
-                                    missing_too=last)
+                                    missing_too=last and config.train.eval_missing)
             if config.train.ckpt_every == 0 or last:
                 _save(engine, ckpt_dir, state, info)
     except BaseException:
@@ -133,7 +135,13 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
     return metrics
 
 
-def _train_epoch(engine, config, info, plan, manifest, state, epoch, in_epoch, dtype, tracker, ckpt_dir):
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype, tracker, ckpt_dir):
     loader = train_loader(config.data.shards, batch_size=plan.micro, num_instances=config.data.num_instances,
                           img_size=config.model.img_size, batches_per_epoch=plan.steps_per_epoch * plan.accum,
                           num_workers=config.data.num_workers, seed=config.train.seed, epoch=epoch,
@@ -167,11 +175,11 @@ def _train_epoch(engine, config, info, plan, manifest, state, epoch, in_epoch, d
             continue
         state["step"] += 1
         bar.update(1)
-        if state["step"] % config.train.log_every == 0 or state["step"] == plan.total_steps:
-            _log_step(engine, parts, state, window, info, tracker, bar)
+        if state["step"] % config.train.log_every == 0 or state["step"] == end:
+            _log_step(engine, parts, state, window, info, tracker, bar, Path(config.train.out_dir))
         if config.train.ckpt_every and state["step"] % config.train.ckpt_every == 0:
             _save(engine, ckpt_dir, state, info)
-        if state["step"] % plan.steps_per_epoch == 0:
+        if state["step"] % plan.steps_per_epoch == 0 or state["step"] == end:
             break
     bar.close()
 
@@ -184,7 +192,7 @@ def _all_finite(loss: torch.Tensor, info) -> bool:
     return flag.item() == 0
 
 
-def _log_step(engine, parts, state, window, info, tracker, bar):
+def _log_step(engine, parts, state, window, info, tracker, bar, out_dir: Path):
     elapsed = time.perf_counter() - window["t0"]
     values = {k: v.detach().float() for k, v in parts.items()}
     stacked = torch.stack(list(values.values()))
@@ -211,7 +219,8 @@ def _log_step(engine, parts, state, window, info, tracker, bar):
         metrics[f"dropped/{name}"] = d
         loads.append(f"{name}[{' '.join(f'{s:.2f}' for s in share)}] drop {d:.2f}")
     tracker.log_metrics(metrics, state["step"])
-    state["history"].append({"step": state["step"], "loss": metrics["loss"]})
+    with open(out_dir / "train_log.jsonl", "a") as f:   # plain-text record next to the tracker's
+        f.write(json.dumps({"step": state["step"], "time": time.time(), **metrics}) + "\n")
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
     bar.write(f"step {state['step']:>6} loss {metrics['loss']:.4f} (id {metrics['loss_id']:.4f} "
               f"tri {metrics['loss_tri']:.4f} aux {metrics['loss_aux']:.4f}) lr {metrics['lr']:.2e} "
@@ -221,21 +230,17 @@ def _log_step(engine, parts, state, window, info, tracker, bar):
 
 def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir, missing_too, keep_best=True):
     settings = [""] + (list(MISSING_SETTINGS) if missing_too and manifest["dataset"] == "rgbnt201" else [])
+    results = evaluate_settings(engine, config.data.shards, manifest, settings, **eval_kw)
     metrics = {}
-    for missing in settings:
-        r = evaluate(engine, config.data.shards, manifest, missing=missing, **eval_kw)
-        if info.is_main:
+    if info.is_main:
+        for missing, r in results.items():
             suffix = f"_missing_{missing}" if missing else ""
             metrics.update({f"{k}{suffix}": v for k, v in r.items()})
+        tracker.log_metrics(metrics, state["step"])
+        log.info("evaluation at step %d:\n%s", state["step"], format_table(results))
     best = torch.tensor([metrics.get("mAP", -1.0) if info.is_main else 0.0])
     if info.world_size > 1:
         dist.broadcast(best, src=0)
-    if info.is_main:
-        tracker.log_metrics(metrics, state["step"])
-        log.info("eval at step %d: %s", state["step"],
-                 " ".join(f"{k} {v:.2f}" for k, v in metrics.items() if "missing" not in k))
-        for m in settings[1:]:
-            log.info("  missing %-3s mAP %.2f R1 %.2f", m, metrics[f"mAP_missing_{m}"], metrics[f"R1_missing_{m}"])
     if keep_best and best.item() > state["best_map"]:
         state["best_map"] = best.item()
         tag = _save(engine, ckpt_dir, state, info)
@@ -248,6 +253,33 @@ def _save(engine, ckpt_dir, state, info) -> str:
     if ckpt.read_pointer(ckpt_dir, "latest") != tag:
         ckpt.save(engine, ckpt_dir, tag, state, info.rank)
     return tag
+
+
+def _start_tracking(config, info, manifest, ds_config, run_id):
+    """Rank 0 opens (or, on resume, reopens) the MLflow run; other ranks get a tracker that does nothing."""
+    if not config.tracking.enabled:
+        return NullTracker()
+    tracker = tracker_for_rank(info.rank, config.train.out_dir, tracking_uri=config.tracking.uri or None)
+    m = config.model
+    params = {"config": config.to_dict(), "deepspeed": ds_config, "world_size": info.world_size,
+              "git_commit": _git_commit(),
+              "data": {"dataset": manifest["dataset"], "num_classes": manifest["num_classes"],
+                       "num_cameras": manifest["num_cameras"],
+                       **{f"{k}_samples": v["num_samples"] for k, v in manifest["splits"].items()}}}
+    name = config.tracking.run_name or (f"{config.name}-{m.preset}-frm{m.frm.num_experts}x{m.frm.router}"
+                                        f"-top{m.frm.top_k}-ep{m.frm.ep_size}-w{info.world_size}-"
+                                        f"{time.strftime('%m%d-%H%M%S')}")
+    tracker.start(config.tracking.experiment or manifest["dataset"], name, params,
+                  tags={"preset": m.preset, "dataset": manifest["dataset"]}, resume_run_id=run_id)
+    return tracker
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _log_start(config, info, plan, manifest, model):

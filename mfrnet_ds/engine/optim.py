@@ -2,15 +2,15 @@
 
 Groups follow the paper's recipe: the pretrained backbone learns at `backbone_lr`, the modules MFRNet adds
 (MoE, weight heads, camera embedding, necks) at `lr`; biases at `bias_lr_factor` x their role's lr. Each
-group is then split by DeepSpeed into non-expert and expert parts: expert gradients are averaged over the
-expert-data-parallel group only, which is how DeepSpeed keeps sharded experts apart.
+group is then split into non-expert and expert parts in DeepSpeed's format (expert parts carry `moe: True`
+and the expert group's name): expert gradients are averaged over the expert-data-parallel group only.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.moe.utils import is_moe_param
 
 from mfrnet_ds.config import OptimConfig
 
@@ -25,8 +25,30 @@ def param_groups(model, cfg: OptimConfig) -> list[dict]:
                 groups.append({"name": f"{role}.{'bias' if is_bias else 'weight'}", "params": params,
                                "lr": base_lr * (cfg.bias_lr_factor if is_bias else 1.0),
                                "weight_decay": cfg.weight_decay})
-    groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return [g for g in groups if g["params"]]
+    return split_expert_groups(groups)
+
+
+def split_expert_groups(groups: list[dict]) -> list[dict]:
+    """DeepSpeed's `split_params_into_different_moe_groups_for_optimizer`, in a fixed order.
+
+    Its version walks a Python set of group names, whose order changes with the hash seed of each
+    process: the optimiser groups then come out in a different order after a restart and the saved
+    optimiser state no longer fits on resume.
+    """
+    dense, experts = [], []
+    for g in groups:
+        by_group: dict[str, list] = {}
+        plain = []
+        for p in g["params"]:
+            if is_moe_param(p):
+                by_group.setdefault(p.group_name, []).append(p)
+            else:
+                plain.append(p)
+        if plain:
+            dense.append({**g, "params": plain})
+        for name in sorted(by_group):
+            experts.append({**g, "name": name, "moe": True, "params": by_group[name]})
+    return dense + experts
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:

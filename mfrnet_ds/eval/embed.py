@@ -83,3 +83,22 @@ def evaluate(model, shards: str, manifest: dict, *, img_size, batch_size: int, r
     if rank != 0:
         return None
     return score(query, gallery, manifest["dataset"])
+
+
+def evaluate_settings(model, shards: str, manifest: dict, settings: list[str], **kw) -> dict[str, dict] | None:
+    """{setting: metrics} for the full-modality setting ("") and any missing-modality ones; rank 0 only."""
+    results = {m: evaluate(model, shards, manifest, missing=m, **kw) for m in settings}
+    return results if kw["rank"] == 0 else None
+
+
+def format_table(results: dict[str, dict]) -> str:
+    names = {"": "all modalities", "r": "M(RGB)", "n": "M(NIR)", "t": "M(TIR)", "rn": "M(RGB+NIR)",
+             "rt": "M(RGB+TIR)", "nt": "M(NIR+TIR)"}
+    lines = [f"{'setting':<16}{'mAP':>8}{'R1':>8}{'R5':>8}{'R10':>8}"]
+    for m, r in results.items():
+        lines.append(f"{names.get(m, m):<16}" + "".join(f"{r[k]:>8.2f}" for k in ("mAP", "R1", "R5", "R10")))
+    missing = [r for m, r in results.items() if m]
+    if len(missing) > 1:
+        lines.append(f"{'missing avg':<16}" + "".join(
+            f"{sum(r[k] for r in missing) / len(missing):>8.2f}" for k in ("mAP", "R1", "R5", "R10")))
+    return "\n".join(lines)

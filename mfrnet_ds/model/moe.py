@@ -45,6 +45,7 @@ class _Router(TopKGate):
         super().__init__(dim, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.eval_capacity_factor,
                          cfg.min_capacity, None if cfg.gate_noise == "none" else cfg.gate_noise,
                          cfg.drop_tokens, use_rts=True)
+        self.eval_drop_tokens = cfg.eval_drop_tokens
         self.dropped_fraction = torch.zeros(())
 
     def logits(self, x_fp32: torch.Tensor) -> torch.Tensor:
@@ -58,17 +59,17 @@ class _Router(TopKGate):
             x = multiplicative_jitter(x, device=x.device)
         logits = self.logits(x)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        drop = self.drop_tokens if self.training else self.eval_drop_tokens
         if self.k == 1:
             # Random token selection only while training: evaluation must not depend on the RNG.
             out = top1gating(logits, cf, self.min_capacity, used_token,
-                             self.noisy_gate_policy if self.training else None, self.drop_tokens,
+                             self.noisy_gate_policy if self.training else None, drop,
                              self.use_rts and self.training, self.ep_group, sparse_routes=True)
         elif self.k == 2:
-            out = top2gating(logits, cf, self.min_capacity, self.drop_tokens, self.ep_group,
+            out = top2gating(logits, cf, self.min_capacity, drop, self.ep_group,
                              self.top2_2nd_expert_sampling, sparse_routes=True)
         else:
-            out = topkgating(logits, self.k, cf, self.min_capacity, self.drop_tokens, self.ep_group,
-                             sparse_routes=True)
+            out = topkgating(logits, self.k, cf, self.min_capacity, drop, self.ep_group, sparse_routes=True)
         indices = out[3]  # (k, tokens); a route evicted by the capacity limit has expert index -1
         self.dropped_fraction = (indices < 0).float().mean().detach()
         return out
@@ -93,14 +94,16 @@ class CosineRouter(_Router):
         super().__init__(dim, cfg)
         del self.wg  # the linear gate's weight is not used; keep it out of the optimiser
         self.proj = nn.Linear(dim, proj_dim)
-        self.expert_embed = nn.Parameter(torch.empty(cfg.num_experts, proj_dim))
-        nn.init.normal_(self.expert_embed, std=0.32)
+        # one learned vector per expert; not named "*expert*": DeepSpeed files every state-dict key holding
+        # that word as an expert weight when it checkpoints
+        self.centroids = nn.Parameter(torch.empty(cfg.num_experts, proj_dim))
+        nn.init.normal_(self.centroids, std=0.32)
         self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))  # 1-d: DeepSpeed cannot broadcast 0-d
         self.max_log_scale = math.log(1.0 / min_temperature)
 
     def logits(self, x_fp32):
         q = F.normalize(F.linear(x_fp32, self.proj.weight.float(), self.proj.bias.float()), dim=-1)
-        keys = F.normalize(self.expert_embed.float(), dim=-1)
+        keys = F.normalize(self.centroids.float(), dim=-1)
         scale = self.log_scale.float().clamp(max=self.max_log_scale).exp()
         return scale * (q @ keys.t())          # (tokens, experts)
 

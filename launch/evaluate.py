@@ -1,0 +1,83 @@
+"""Evaluate a checkpoint: mAP and CMC with the dataset's protocol, optionally the six missing-modality settings.
+
+    python launch/evaluate.py --checkpoint runs/rgbnt201 --shards data/shards/rgbnt201 [--missing all]
+    deepspeed --num_gpus 2 launch/evaluate.py --checkpoint ... --shards ...     # feature extraction split over ranks
+
+The model is rebuilt from the experiment config stored in the checkpoint; expert-parallel layouts need a
+world size that the checkpoint's ep_size divides.
+"""
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from mfrnet_ds.config import Config, ConfigError, _build, check
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or one tag folder")
+    ap.add_argument("--shards", required=True, help="shard folder (with manifest.json) to evaluate on")
+    ap.add_argument("--missing", default="", help="'all' for full + the six missing-modality settings, "
+                    "or one setting: r, n, t, rn, rt, nt")
+    ap.add_argument("--best", action="store_true", help="use the best-mAP checkpoint rather than the latest")
+    ap.add_argument("--batch", type=int, default=64, help="evaluation batch per rank")
+    ap.add_argument("--deepspeed_config", "--deepspeed-config", default="ds_configs/cpu.json")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--save-embeddings", default=None, help="write query embeddings (+ ids) to this .pt file")
+    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    args = ap.parse_args(argv)
+
+    from mfrnet_ds.engine import ckpt
+    from mfrnet_ds.engine import dist as D
+    from mfrnet_ds.eval.embed import evaluate_settings, extract, format_table
+    from mfrnet_ds.model import MISSING_SETTINGS, build_model
+    from mfrnet_ds.stream.pipeline import read_manifest
+
+    settings = [""] + list(MISSING_SETTINGS) if args.missing == "all" else [args.missing]
+    if args.missing not in ("", "all") and args.missing not in MISSING_SETTINGS:
+        print(f"error: --missing={args.missing!r}: expected all, {', '.join(MISSING_SETTINGS)}", file=sys.stderr)
+        return 2
+    try:
+        ckpt_dir, tag = ckpt.resolve(args.checkpoint)
+        if args.best:
+            tag = ckpt.read_pointer(ckpt_dir, "best") or tag
+        manifest = read_manifest(args.shards)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    info = D.init_distributed(args.local_rank)
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s")
+    client = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    config: Config = _build(Config, client["config"], "")
+    config.model.pretrained = ""          # the checkpoint holds every weight
+    try:
+        check(config, info.world_size)
+    except ConfigError as e:
+        print(f"error: checkpoint {ckpt_dir / tag}: {e}", file=sys.stderr)
+        return 2
+    model = build_model(config, rank=info.rank)
+    engine = D.initialize(model, None, None, D.deepspeed_config(config, info.world_size, args.deepspeed_config), info)
+    engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False)
+    kw = dict(img_size=config.model.img_size, batch_size=args.batch, rank=info.rank, world_size=info.world_size,
+              device=info.device, num_workers=config.data.num_workers, progress=info.is_main,
+              dtype=D.engine_dtype(engine))
+    results = evaluate_settings(engine, args.shards, manifest, settings, **kw)
+    if args.save_embeddings:
+        query = extract(engine, args.shards, "query", **kw)
+        if info.is_main:
+            torch.save(query, args.save_embeddings)
+    if info.is_main:
+        print(f"{manifest['dataset']} | checkpoint {ckpt_dir / tag} | step {client.get('step')}")
+        print(format_table(results))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Compare training runs of one MLflow experiment: a table, learning curves, expert-load heat maps.
+
+    python -m mfrnet_ds.compare --experiment rgbnt201 [--runs ID ...] [--metric mAP loss ...]
+                                [--out DIR] [--uri URI] [--log]
+
+The table lists each run with the params that differ between the runs, best mAP / R1 (over all
+evaluations), the last samples_per_s, and the parameter count / expert counts when logged. PNGs in
+--out: `curve_<metric>.png` (one line per run) and `expert_load_<run>.png` (per run: steps x experts
+for every layer, from the metrics `expert_load/<layer>/<expert>`). `--log` records the comparison
+(table and PNGs) as artifacts of a new run in the same experiment.
+
+Store: --uri, else MLFLOW_TRACKING_URI, else ./mlflow.db. See the runs in a browser with
+`mlflow ui --backend-store-uri URI --host 127.0.0.1 --port 5000`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+COMPARISON_TAG = "mfrnet.kind"  # runs written by --log carry "comparison" and are never compared
+EXPERT_LOAD = re.compile(r"^expert_load/(?P<layer>.+)/(?P<expert>[^/]+)$")
+
+
+class CompareError(Exception):
+    """A problem with the user's request (store, experiment, run ids, metric names)."""
+
+
+def resolve_uri(uri: str | None) -> str:
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    default = Path("mlflow.db").resolve()
+    if not default.exists():
+        raise CompareError(f"no MLflow store given and {default} does not exist; pass --uri "
+                           "sqlite:///PATH/mlflow.db (the training's out_dir) or set MLFLOW_TRACKING_URI")
+    return f"sqlite:///{default}"
+
+
+def load_runs(client: MlflowClient, experiment: str | None, run_ids: list[str] | None) -> tuple[str, pd.DataFrame]:
+    """(experiment name, runs DataFrame as from mlflow.search_runs), comparison runs left out."""
+    experiments = client.search_experiments()
+    if experiment is None:
+        names = [e.name for e in experiments if client.search_runs([e.experiment_id], max_results=1)]
+        if len(names) != 1:
+            raise CompareError(f"--experiment is needed: the store has runs in {names or 'no experiment'}")
+        experiment = names[0]
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise CompareError(f"experiment {experiment!r} not found; the store has "
+                           f"{sorted(e.name for e in experiments)}")
+    runs = mlflow.search_runs(experiment_ids=[found.experiment_id], order_by=["attributes.start_time ASC"])
+    if f"tags.{COMPARISON_TAG}" in runs.columns:
+        runs = runs[runs[f"tags.{COMPARISON_TAG}"] != "comparison"]
+    if run_ids:
+        missing = [r for r in run_ids if r not in set(runs["run_id"])]
+        if missing:
+            raise CompareError(f"run ids not in experiment {experiment!r}: {missing}")
+        runs = runs.set_index("run_id").loc[run_ids].reset_index()
+    if runs.empty:
+        raise CompareError(f"experiment {experiment!r} has no runs to compare")
+    return experiment, runs.reset_index(drop=True)
+
+
+def run_label(row) -> str:
+    name = row.get("tags.mlflow.runName")
+    return f"{name if isinstance(name, str) and name else 'run'}-{row['run_id'][:6]}"
+
+
+def fetch_histories(client: MlflowClient, runs: pd.DataFrame, keys_per_run: dict[str, list[str]]):
+    """{run_id: {metric: (steps, values)}}, with a progress bar over the metric histories."""
+    jobs = [(run_id, key) for run_id, keys in keys_per_run.items() for key in keys]
+    histories: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+    for run_id, key in tqdm(jobs, desc="metric histories", unit="metric", file=sys.stderr, leave=False):
+        points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        latest = {m.step: m.value for m in points}  # a step logged twice (resumed run): the last value
+        steps = np.array(sorted(latest), dtype=np.int64)
+        histories[run_id][key] = (steps, np.array([latest[s] for s in steps], dtype=np.float64))
+    return histories
+
+
+def build_table(runs: pd.DataFrame, histories) -> pd.DataFrame:
+    params = sorted(c for c in runs.columns if c.startswith("params."))  # mlflow's column order varies
+    differing = [c for c in params if runs[c].astype(str).nunique(dropna=False) > 1] if len(runs) > 1 else []
+    size_cols = [c for c in params if c == "params.num_params" or c.endswith("num_experts")]
+    table = pd.DataFrame({"run": [run_label(row) for _, row in runs.iterrows()],
+                          "status": runs["status"].values})
+    for column in differing + [c for c in size_cols if c not in differing]:
+        table[column[len("params."):]] = runs[column].fillna("-").values
+    for metric in ("mAP", "R1"):
+        best = []
+        for run_id in runs["run_id"]:
+            values = histories.get(run_id, {}).get(metric, (None, np.zeros(0)))[1]
+            best.append(float(np.nanmax(values)) if values.size else np.nan)
+        table[f"best {metric}"] = best
+    table["samples/s"] = runs.get("metrics.samples_per_s", pd.Series(np.nan, index=runs.index)).values
+    return table
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
+
+
+def plot_curves(runs: pd.DataFrame, histories, metric: str, out: Path) -> Path | None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    plotted = 0
+    for _, row in runs.iterrows():
+        steps, values = histories.get(row["run_id"], {}).get(metric, (np.zeros(0), np.zeros(0)))
+        if steps.size:
+            ax.plot(steps, values, marker="o" if steps.size < 20 else None, ms=3, label=run_label(row))
+            plotted += 1
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = out / f"curve_{safe_name(metric)}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def expert_load_matrices(history: dict[str, tuple[np.ndarray, np.ndarray]]):
+    """{layer: (steps, expert names, steps x experts matrix)} from expert_load/<layer>/<expert>."""
+    by_layer: dict[str, dict[str, tuple]] = defaultdict(dict)
+    for key, series in history.items():
+        match = EXPERT_LOAD.match(key)
+        if match:
+            by_layer[match["layer"]][match["expert"]] = series
+    layers = {}
+    for layer, experts in sorted(by_layer.items()):
+        names = sorted(experts, key=lambda e: (not e.isdigit(), int(e) if e.isdigit() else 0, e))
+        steps = np.unique(np.concatenate([experts[e][0] for e in names]))
+        matrix = np.full((steps.size, len(names)), np.nan)
+        for j, name in enumerate(names):
+            s, v = experts[name]
+            matrix[np.searchsorted(steps, s), j] = v
+        layers[layer] = (steps, names, matrix)
+    return layers
+
+
+def plot_expert_load(label: str, layers, out: Path) -> Path:
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 + 2.6 * len(layers), 4.2), squeeze=False)
+    vmax = max(float(np.nanmax(m)) if np.isfinite(m).any() else 1.0 for _, _, m in layers.values())
+    for ax, (layer, (steps, names, matrix)) in zip(axes[0], layers.items()):
+        image = ax.imshow(matrix, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax,
+                          interpolation="nearest")
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ticks = np.unique(np.linspace(0, steps.size - 1, min(6, steps.size)).astype(int))
+        ax.set_yticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
+    axes[0][0].set_ylabel("step")
+    fig.colorbar(image, ax=axes[0].tolist(), label="fraction of tokens")
+    fig.suptitle(f"expert load: {label}", fontsize=10)
+    path = out / f"expert_load_{safe_name(label)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(experiment: str | None, run_ids: list[str] | None, metrics: list[str], out: Path | None, uri: str,
+            log: bool = False):
+    """Build the table and the plots; returns (experiment, table text, out dir, PNG paths, logged run id)."""
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment, runs = load_runs(client, experiment, run_ids)
+    keys_per_run = {}
+    for _, row in runs.iterrows():
+        logged = {c[len("metrics."):] for c in runs.columns if c.startswith("metrics.") and pd.notna(row[c])}
+        wanted = set(metrics) | {"mAP", "R1"} | {k for k in logged if EXPERT_LOAD.match(k)}
+        keys_per_run[row["run_id"]] = sorted(wanted & logged)
+    histories = fetch_histories(client, runs, keys_per_run)
+    table = build_table(runs, histories)
+
+    if out is None:
+        base = Path(uri[len("sqlite:///"):]).parent / "compare" if uri.startswith("sqlite:///") else Path("compare_out")
+        out = base / safe_name(experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = [p for m in metrics if (p := plot_curves(runs, histories, m, out)) is not None]
+    for _, row in runs.iterrows():
+        layers = expert_load_matrices(histories.get(row["run_id"], {}))
+        if layers:
+            pngs.append(plot_expert_load(run_label(row), layers, out))
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")
+    (out / "compare.txt").write_text(f"experiment: {experiment}\n{text}\n")
+    table.to_csv(out / "compare.csv", index=False)
+
+    logged_run = None
+    if log:
+        experiment_id = client.get_experiment_by_name(experiment).experiment_id
+        run = client.create_run(experiment_id, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
+                                tags={COMPARISON_TAG: "comparison",
+                                      "mfrnet.compared_runs": " ".join(runs["run_id"])})
+        logged_run = run.info.run_id
+        client.log_artifacts(logged_run, str(out), "comparison")
+        client.set_terminated(logged_run)
+    return experiment, text, out, pngs, logged_run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", help="experiment name (default: the only one with runs)")
+    parser.add_argument("--runs", nargs="+", metavar="ID", help="run ids (default: all runs of the experiment)")
+    parser.add_argument("--metric", nargs="+", default=["mAP"], help="metrics to plot as learning curves")
+    parser.add_argument("--out", type=Path, help="folder for the PNGs and the table (default: "
+                        "<store dir>/compare/<experiment> for sqlite stores, else ./compare_out)")
+    parser.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--log", action="store_true", help="log the comparison as a new run's artifacts")
+    args = parser.parse_args(argv)
+    try:
+        uri = resolve_uri(args.uri)
+        experiment, text, out, pngs, logged_run = compare(args.experiment, args.runs, args.metric, args.out, uri,
+                                                          args.log)
+    except CompareError as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        return 2
+    print(f"experiment: {experiment}   store: {uri}")
+    print(text)
+    print(f"\nplots ({len(pngs)}) in {out}:")
+    for p in pngs:
+        print(f"  {p.name}")
+    if logged_run:
+        print(f"comparison logged as run {logged_run}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: embedding extraction and ranking metrics (CMC, mAP)."""

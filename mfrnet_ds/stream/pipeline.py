@@ -1,0 +1,388 @@
+"""Streaming loaders over the shards: identity-balanced training batches and distributed evaluation.
+
+Training (`train_loader`). Each rank has `max(1, num_workers)` logical streams; there are
+S = world_size x streams per rank in all, numbered rank * streams + worker. In every pass over the
+data the train shards are shuffled by (seed, epoch, pass) and stream s reads shards s, s + S, ...
+When that cannot give every stream P identities (fewer shards than streams, or too few identities
+in the smallest shards), every stream reads every shard and keeps its share instead: identities
+(label mod S) when each share still holds P identities, else samples (position in shard mod S).
+A stream groups the consecutive samples of an identity (the builder stores identities whole), cuts
+each into chunks of K (an identity with fewer than K images is padded by repeats, as the reference's
+RandomIdentitySampler does), and emits a batch once its pool holds 4 P identities (or, at the end of
+a pass, P): P distinct identities, one chunk each. The stream cycles through passes, so every rank
+yields exactly `batches_per_epoch` batches however its shards are sized. Global batch b of a rank
+comes from logical stream b mod streams; the DataLoader visits workers round robin, so physical
+worker w runs logical stream (w + start_batch) mod streams and resuming at start_batch keeps the
+order. Skipped batches are still read and decoded (damage found there must change nothing later)
+but not augmented. Each batch's augmentation is drawn from torch's generator seeded by
+(seed, epoch, rank, world_size, batch index), under `fork_rng` so the caller's RNG is untouched.
+
+Evaluation (`eval_loader`). Positions 0..N-1 of the split (shard order, then stored order) are cut
+into `world_size` contiguous ranges; every rank yields ceil(ceil(N / world) / batch) full batches,
+padding with repeats of its first sample marked invalid. A rank's workers take contiguous blocks of
+its batches. Damaged samples come back as zero images with valid = False and ids -1.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from mfrnet_ds.stream import augment as aug
+from mfrnet_ds.stream.reader import Damage, RawSample, decode, iter_shard, read_manifest
+
+__all__ = ["train_loader", "eval_loader", "read_manifest", "stream_sources", "split_mode", "TrainStream", "EvalStream"]
+
+_SHARD_END, _PASS_END = object(), object()
+POOL_FACTOR = 4  # a stream emits when its pool holds POOL_FACTOR x P identities: batches mix shards
+
+
+def stream_sources(shards: list[str], *, seed: int, epoch: int, pass_index: int, stream: int,
+                   num_streams: int, shared: bool) -> list[tuple[str, int, int]]:
+    """(shard, part, parts) that `stream` reads in one pass; with parts > 1 it keeps the share
+    `part` of each shard. Every stream computes the same shuffle, so the shares are disjoint."""
+    order = list(shards)
+    np.random.default_rng([seed, epoch, pass_index, 7]).shuffle(order)
+    if not shared:
+        return [(name, 0, 1) for name in order[stream::num_streams]]
+    return [(name, stream, num_streams) for name in order]
+
+
+def split_mode(shard_ids: list[int], num_classes: int, num_streams: int, p: int) -> str:
+    """How streams share the train shards: "shard" (each reads its own shards) when any assignment
+    gives each stream at least p identities, else "label" or "sample" shares of every shard."""
+    per_stream = len(shard_ids) // num_streams
+    if per_stream >= 1 and sum(sorted(shard_ids)[:per_stream]) >= p:
+        return "shard"
+    return "label" if num_classes // num_streams >= p else "sample"
+
+
+def _check_size(img_size) -> tuple[int, int]:
+    if len(tuple(img_size)) != 2 or any(int(v) <= 0 for v in img_size):
+        raise ValueError(f"img_size={img_size!r}: expected (H, W), e.g. (256, 128)")
+    return int(img_size[0]), int(img_size[1])
+
+
+def _round_robin(generators: list[Iterator]) -> Iterator:
+    """What a DataLoader does with one generator per worker: one item from each in turn."""
+    active = list(generators)
+    while active:
+        for gen in list(active):
+            try:
+                yield next(gen)
+            except StopIteration:
+                active.remove(gen)
+
+
+class _IdentityPool:
+    """Chunks of K samples per training label, drawn P distinct labels at a time."""
+
+    def __init__(self, k: int, rng: np.random.Generator):
+        self.k, self.rng = k, rng
+        self.chunks: dict[int, list[list[RawSample]]] = {}
+
+    def add(self, label: int, samples: list[RawSample]) -> None:
+        order = self.rng.permutation(len(samples))
+        if len(order) < self.k:
+            order = np.concatenate([order, self.rng.choice(len(samples), self.k - len(order))])
+        chunks = [[samples[i] for i in order[j:j + self.k]] for j in range(0, len(order) - self.k + 1, self.k)]
+        self.chunks.setdefault(label, []).extend(chunks)
+
+    def num_ids(self) -> int:
+        return len(self.chunks)
+
+    def take(self, n: int, exclude=frozenset()) -> list[tuple[int, list[RawSample]]]:
+        labels = sorted(label for label in self.chunks if label not in exclude)
+        picked = self.rng.choice(len(labels), size=min(n, len(labels)), replace=False)
+        out = []
+        for i in picked:
+            label = labels[i]
+            out.append((label, self.chunks[label].pop(0)))
+            if not self.chunks[label]:
+                del self.chunks[label]
+        return out
+
+
+class TrainStream(IterableDataset):
+    """Infinite identity-balanced stream cut to a fixed number of batches; see the module doc."""
+
+    def __init__(self, shards_dir, *, batch_size: int, num_instances: int, img_size, batches_per_epoch=None,
+                 num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0, augment: bool = True, aligned: bool = True):
+        super().__init__()
+        self.dir = Path(shards_dir)
+        manifest = read_manifest(self.dir)
+        train = manifest["splits"]["train"]
+        if train["num_samples"] == 0:
+            raise ValueError(f"{self.dir}/manifest.json: the train split has no samples")
+        if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
+            raise ValueError(f"batch_size={batch_size} must be a positive multiple of num_instances={num_instances}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} outside 0..world_size-1 (world_size={world_size})")
+        self.k, self.p = num_instances, batch_size // num_instances
+        self.img_size = _check_size(img_size)
+        self.num_batches = (batches_per_epoch if batches_per_epoch is not None
+                            else max(1, train["num_samples"] // (batch_size * world_size)))
+        if self.num_batches < 1:
+            raise ValueError(f"batches_per_epoch={batches_per_epoch}: expected >= 1")
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch={start_batch} outside 0..{self.num_batches} (batches_per_epoch)")
+        shards = [s for s in train["shards"] if s["num_samples"] > 0]
+        self.shards = [s["name"] for s in shards]
+        self.streams = max(1, num_workers)
+        self.total_streams = world_size * self.streams
+        self.mode = split_mode([s.get("num_ids", 0) for s in shards], manifest["num_classes"], self.total_streams,
+                               self.p)
+        self.seed, self.epoch, self.rank, self.world, self.start = seed, epoch, rank, world_size, start_batch
+        self.augment, self.aligned = augment, aligned
+        self.damage = Damage()
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is None:  # in-process: the same order a DataLoader with `streams` workers gives
+            return _round_robin([self._physical(w) for w in range(self.streams)])
+        if info.num_workers != self.streams:
+            raise RuntimeError(f"TrainStream built for {self.streams} workers runs under {info.num_workers}")
+        return self._physical(info.id)
+
+    def _physical(self, worker: int) -> Iterator[dict]:
+        logical = (worker + self.start) % self.streams
+        transform = aug.TripletAugment(self.img_size, train=self.augment, aligned=self.aligned)
+        batches = self._stream_batches(self.rank * self.streams + logical)
+        for index in range(logical, self.num_batches, self.streams):
+            batch = next(batches)
+            if index >= self.start:
+                yield self._collate(batch, index, transform)
+
+    def iter_pass(self, stream: int, pass_index: int) -> Iterator:
+        """The samples global `stream` reads in one pass, _SHARD_END after each shard."""
+        sources = stream_sources(self.shards, seed=self.seed, epoch=self.epoch, pass_index=pass_index,
+                                 stream=stream, num_streams=self.total_streams, shared=self.mode != "shard")
+        for name, part, parts in sources:
+            for ordinal, sample in enumerate(iter_shard(self.dir / name, self.damage)):
+                share = sample.meta["label"] if self.mode == "label" else ordinal
+                if parts == 1 or share % parts == part:
+                    yield sample
+            yield _SHARD_END
+
+    def _samples(self, stream: int) -> Iterator:
+        for pass_index in itertools.count():
+            yield from self.iter_pass(stream, pass_index)
+            yield _PASS_END
+
+    def _stream_batches(self, stream: int) -> Iterator[list]:
+        rng = np.random.default_rng([self.seed, self.epoch, stream, self.total_streams, 11])
+        pool, group, label = _IdentityPool(self.k, rng), [], None
+        threshold, emitted = POOL_FACTOR * self.p, 0
+        for item in self._samples(stream):
+            if isinstance(item, RawSample):
+                if group and item.meta["label"] != label:
+                    pool.add(label, group)
+                    group = []
+                    while pool.num_ids() >= threshold:
+                        batch = self._assemble(pool)
+                        if batch is not None:
+                            emitted += 1
+                            yield batch
+                group.append(item)
+                label = item.meta["label"]
+                continue
+            if group:
+                pool.add(label, group)
+                group = []
+            while pool.num_ids() >= (threshold if item is _SHARD_END else self.p):
+                batch = self._assemble(pool)
+                if batch is not None:
+                    emitted += 1
+                    yield batch
+            if item is _PASS_END:
+                if emitted == 0:
+                    raise RuntimeError(
+                        f"{self.dir}: rank {self.rank}, stream {stream} of {self.total_streams} holds only "
+                        f"{pool.num_ids()} identities after a whole pass, but a batch needs P = "
+                        f"batch_size / num_instances = {self.p}; use fewer workers or ranks, a smaller "
+                        "batch, or rebuild the shards with a smaller --maxcount")
+                emitted = 0
+
+    def _assemble(self, pool: _IdentityPool) -> list | None:
+        """P (label, K decoded samples); undecodable samples are replaced by repeats of valid ones of
+        the same chunk, a chunk with none by another identity; None if no identity is left."""
+        queue = pool.take(self.p)
+        used = {label for label, _ in queue}
+        batch = []
+        while queue:
+            label, chunk = queue.pop(0)
+            decoded, cache = [], {}
+            for sample in chunk:
+                if sample.key not in cache:
+                    try:
+                        cache[sample.key] = decode(sample)
+                    except ValueError as exn:
+                        self.damage.note(str(exn))
+                        cache[sample.key] = None
+                if cache[sample.key] is not None:
+                    decoded.append((sample, cache[sample.key]))
+            if not decoded:
+                spare = pool.take(1, exclude=used)
+                if not spare:
+                    self.damage.note(f"batch dropped: no identity left to replace label {label}")
+                    return None
+                used.add(spare[0][0])
+                queue.append(spare[0])
+                continue
+            batch.append((label, [decoded[i % len(decoded)] for i in range(self.k)]))
+        return batch
+
+    def _collate(self, batch: list, index: int, transform: aug.TripletAugment) -> dict:
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, self.world, index]).generate_state(1)[0])
+        samples = [s for _, chunk in batch for s in chunk]
+        images = _empty_batch((len(samples), 3, 3, *self.img_size))  # (B, 3 modalities, 3, H, W)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for slot, (_, decoded) in zip(images, samples):
+                transform(decoded, out=slot)
+        return {
+            "images": images,
+            "labels": torch.tensor([s.meta["label"] for s, _ in samples], dtype=torch.int64),
+            "camids": torch.tensor([s.meta["camid"] for s, _ in samples], dtype=torch.int64),
+        }
+
+
+class EvalStream(IterableDataset):
+    """Every sample of a split once across ranks, in equal full batches per rank."""
+
+    def __init__(self, shards_dir, split: str, *, batch_size: int, img_size, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 1):
+        super().__init__()
+        if split not in ("query", "gallery"):
+            raise ValueError(f"split={split!r}: expected 'query' or 'gallery'")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size={batch_size} must be >= 1 and rank={rank} in 0..{world_size - 1}")
+        self.dir = Path(shards_dir)
+        entry = read_manifest(self.dir)["splits"][split]
+        self.shards = [(s["name"], s["num_samples"]) for s in entry["shards"]]
+        total = sum(n for _, n in self.shards)
+        if total == 0:
+            raise ValueError(f"{self.dir}/manifest.json: split {split!r} has no samples")
+        self.img_size = _check_size(img_size)
+        start, stop = rank * total // world_size, (rank + 1) * total // world_size
+        per_rank = math.ceil(math.ceil(total / world_size) / batch_size)
+        pad = start if stop > start else 0
+        slots = [(p, True) for p in range(start, stop)] + [(pad, False)] * (per_rank * batch_size - (stop - start))
+        self.batches = [slots[i * batch_size:(i + 1) * batch_size] for i in range(per_rank)]
+        self.streams = max(1, num_workers)
+        self.damage = Damage()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is None:
+            return _round_robin([self._worker(w) for w in range(self.streams)])
+        return self._worker(info.id)
+
+    def _worker(self, worker: int) -> Iterator[dict]:
+        n = len(self.batches)
+        batches = self.batches[worker * n // self.streams:(worker + 1) * n // self.streams]
+        if not batches:
+            return
+        transform = aug.TripletAugment(self.img_size, train=False)
+        repeated = {p for b in batches for p, valid in b if not valid}
+        found = self._read({p for b in batches for p, _ in b}, transform)
+        cache: dict[int, tuple] = {}
+        for batch in batches:
+            for pos, _ in batch:
+                while pos not in cache:
+                    got, item = next(found)
+                    cache[got] = item
+            items = [cache[p] for p, _ in batch]
+            yield {
+                "images": default_collate([it[0] for it in items]),
+                "pids": torch.tensor([it[1] for it in items], dtype=torch.int64),
+                "camids": torch.tensor([it[2] for it in items], dtype=torch.int64),
+                "sceneids": torch.tensor([it[3] for it in items], dtype=torch.int64),
+                "index": torch.tensor([p for p, _ in batch], dtype=torch.int64),
+                "valid": torch.tensor([v and it[4] for (_, v), it in zip(batch, items)], dtype=torch.bool),
+            }
+            for pos, _ in batch:
+                if pos not in repeated:
+                    cache.pop(pos, None)
+
+    def _read(self, needed: set[int], transform) -> Iterator[tuple[int, tuple]]:
+        """(position, (image, pid, camid, sceneid, ok)) for every needed position, ascending."""
+        offset = 0
+        for name, count in self.shards:
+            wanted = sorted(p for p in needed if offset <= p < offset + count)
+            if wanted:
+                seen = set()
+                samples = iter_shard(self.dir / name, self.damage, with_damaged=True)
+                for ordinal, sample in enumerate(samples):
+                    pos = offset + ordinal
+                    if pos > wanted[-1]:
+                        break
+                    if pos in needed:
+                        seen.add(pos)
+                        yield pos, self._prepare(sample, transform)
+                for pos in wanted:
+                    if pos not in seen:
+                        self.damage.note(f"shard {name}: sample {pos - offset} of {count} missing (shard cut short?)")
+                        yield pos, self._invalid()
+            offset += count
+
+    def _prepare(self, sample: RawSample | None, transform) -> tuple:
+        if sample is None:
+            return self._invalid()
+        try:
+            images = transform(decode(sample))
+        except ValueError as exn:
+            self.damage.note(str(exn))
+            return self._invalid()
+        meta = sample.meta
+        return images, meta["pid"], meta["camid"], meta.get("sceneid", -1), True
+
+    def _invalid(self) -> tuple:
+        return torch.zeros(3, 3, *self.img_size), -1, -1, -1, False
+
+
+def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 batch tensor; inside a DataLoader worker it is allocated in shared memory, as
+    default_collate does, so handing it to the main process costs no copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    storage = torch.empty(0).untyped_storage()._new_shared(math.prod(shape) * 4)
+    return torch.empty(0).set_(storage).view(shape)
+
+
+def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    # batch_size=None: the dataset yields whole batches (P x K is assembled in the stream).
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                      prefetch_factor=2 if num_workers > 0 else None)
+
+
+def train_loader(shards_dir, *, batch_size: int, num_instances: int, img_size, batches_per_epoch=None,
+                 num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0, augment: bool = True, aligned: bool = True) -> DataLoader:
+    """Batches {"images" (B,3,3,H,W) float32, "labels" (B,), "camids" (B,)} of P ids x K each;
+    exactly batches_per_epoch - start_batch of them on every rank. See the module doc."""
+    dataset = TrainStream(shards_dir, batch_size=batch_size, num_instances=num_instances, img_size=img_size,
+                          batches_per_epoch=batches_per_epoch, num_workers=num_workers, seed=seed, epoch=epoch,
+                          rank=rank, world_size=world_size, start_batch=start_batch, augment=augment, aligned=aligned)
+    return _loader(dataset, num_workers)
+
+
+def eval_loader(shards_dir, split: str, *, batch_size: int, img_size, rank: int = 0, world_size: int = 1,
+                num_workers: int = 1) -> DataLoader:
+    """Batches {"images", "pids", "camids", "sceneids", "index", "valid"} of exactly batch_size; the
+    same count on every rank; valid=False marks padding and damaged samples."""
+    dataset = EvalStream(shards_dir, split, batch_size=batch_size, img_size=img_size, rank=rank,
+                         world_size=world_size, num_workers=num_workers)
+    return _loader(dataset, num_workers)

@@ -1,0 +1,359 @@
+"""MLflow tracking for the trainer: one run per training, written by rank 0 only.
+
+    tracker = MlflowTracker(out_dir)            # NullTracker() on other ranks (see tracker_for_rank)
+    run_id = tracker.start("rgbnt201", "frm6-top2", params=cfg_dict, tags={...})
+    tracker.log_metrics({"loss": 1.3, "lr": 3e-4}, step=100)
+    tracker.log_artifact("out/config.yaml")
+    tracker.close()
+
+Store: `MLFLOW_TRACKING_URI` when set, else an embedded sqlite file `<out_dir>/mlflow.db` with
+artifacts in `<out_dir>/mlartifacts` (no server). Tracking never stops training: when the store
+cannot be reached (at start or later) the tracker warns once and appends everything from then on to
+`<out_dir>/mlflow_offline.jsonl`; `python -m mfrnet_ds.tracking.replay FILE` imports it later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+from mfrnet_ds.tracking.offline import OfflineLog
+
+DB_NAME = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+OFFLINE_NAME = "mlflow_offline.jsonl"
+
+
+class TrackingWarning(UserWarning):
+    """The tracking store could not be reached; numbers go to the offline log instead."""
+
+
+# ---------------------------------------------------------------- store and parameters
+
+def resolve_tracking_uri(uri: str | None, out_dir: str | os.PathLike) -> str:
+    """Explicit URI, else MLFLOW_TRACKING_URI, else `sqlite:///<abs out_dir>/mlflow.db`."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(out_dir).resolve() / DB_NAME}"
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store live next to the database file; other stores decide themselves."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db_path = Path(urlparse(uri).path if uri.startswith("sqlite:////") else uri[len("sqlite:///"):])
+    return (db_path.resolve().parent / ARTIFACT_DIR).as_uri()
+
+
+def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    """Id of the experiment `name`, created (or restored from deleted) when needed."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=default_artifact_location(uri))
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _truncate(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def flatten_params(params, prefix: str = "") -> dict[str, str]:
+    """Nested dicts / dataclasses -> {"a.b.c": str}; values cut to MLflow's param length limit."""
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        params = dataclasses.asdict(params)
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a mapping or dataclass, got {type(params).__name__}")
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=name + "."))
+            continue
+        if isinstance(value, (list, tuple)):
+            try:
+                text = json.dumps(list(value))
+            except TypeError:
+                text = str(list(value))
+        else:
+            text = str(value)
+        flat[name] = _truncate(text, MAX_PARAM_VAL_LENGTH)
+    return flat
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def log_params_batched(client: MlflowClient, run_id: str, params: Mapping[str, str],
+                       tags: Mapping[str, str] | None = None) -> None:
+    entities = [Param(k, v) for k, v in params.items()]
+    tag_entities = [RunTag(k, _truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in (tags or {}).items()]
+    for batch in _batches(entities, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=batch)
+    for batch in _batches(tag_entities, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=batch)
+
+
+def log_metrics_batched(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int,
+                        timestamp: int) -> None:
+    entities = [Metric(k, v, timestamp, step) for k, v in metrics.items()]
+    for batch in _batches(entities, MAX_METRICS_PER_BATCH):  # one call unless > 1000 metrics
+        client.log_batch(run_id, metrics=batch)
+
+
+def split_resumed_params(existing: Mapping[str, str], params: Mapping[str, str]):
+    """Params not yet on a resumed run, and those whose value changed (MLflow refuses to overwrite)."""
+    new = {k: v for k, v in params.items() if k not in existing}
+    changed = {k: (existing[k], v) for k, v in params.items() if k in existing and existing[k] != v}
+    return new, changed
+
+
+_HTTP_ENV_SET_HERE: set[str] = set()
+
+
+def _bound_http(max_retries: int, timeout: int, backoff: int) -> None:
+    """MLflow reads these per request from the environment; a value the user exported wins."""
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", max_retries), ("MLFLOW_HTTP_REQUEST_TIMEOUT", timeout),
+                        ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", backoff)):
+        if name not in os.environ or name in _HTTP_ENV_SET_HERE:
+            os.environ[name] = str(int(value))
+            _HTTP_ENV_SET_HERE.add(name)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------- trackers
+
+class MlflowTracker:
+    """Writes one MLflow run; falls back to an offline JSONL log when the store is unreachable.
+
+    `http_max_retries`, `http_timeout` (s) and `http_backoff` bound how long a call to an unreachable
+    server blocks (MLflow's own defaults retry for minutes); the MLFLOW_HTTP_REQUEST_* environment
+    variables win when set. `system_metrics_interval` (s) is MLflow's sampling period for CPU,
+    memory, disk, network (and GPU with nvidia-ml-py) metrics, logged as `system/...`.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, tracking_uri: str | None = None,
+                 offline_file: str | os.PathLike | None = None, system_metrics: bool = True,
+                 system_metrics_interval: float = 10.0, http_max_retries: int = 2, http_timeout: int = 10,
+                 http_backoff: int = 1):
+        self.out_dir = Path(out_dir).resolve()
+        self.tracking_uri = resolve_tracking_uri(tracking_uri, self.out_dir)
+        self.offline = OfflineLog(offline_file or self.out_dir / OFFLINE_NAME)
+        self.system_metrics = system_metrics
+        self.system_metrics_interval = system_metrics_interval
+        _bound_http(http_max_retries, http_timeout, http_backoff)
+        self.run_id: str | None = None
+        self.is_offline = False
+        self._client: MlflowClient | None = None
+        self._monitor = None
+        self._start_record: dict | None = None
+        self._closed = False
+
+    # -- lifecycle
+
+    def start(self, experiment: str, run_name: str, params, tags: Mapping[str, str] | None = None,
+              resume_run_id: str | None = None) -> str | None:
+        """Create (or resume) the run; returns its id, or None if the store was unreachable."""
+        if self._start_record is not None:
+            raise RuntimeError("MlflowTracker.start() called twice; use one tracker per run")
+        flat = flatten_params(params)
+        tags = {str(k): _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
+        self.run_id = resume_run_id
+        self._start_record = {"type": "start", "experiment": experiment, "run_name": run_name,
+                              "params": flat, "tags": tags, "tracking_uri": self.tracking_uri}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            client = MlflowClient(self.tracking_uri)
+            experiment_id = ensure_experiment(client, experiment, self.tracking_uri)
+            if resume_run_id:
+                existing = client.get_run(resume_run_id).data.params
+                client.update_run(resume_run_id, status="RUNNING")
+                flat, changed = split_resumed_params(existing, flat)
+                if changed:
+                    warnings.warn(f"resumed run {resume_run_id}: params changed since the run started, kept "
+                                  f"the old values (MLflow cannot overwrite): {sorted(changed)}",
+                                  TrackingWarning, stacklevel=2)
+            else:
+                self.run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+                tags = {}
+            log_params_batched(client, self.run_id, flat, tags)
+            self._client = client
+        except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
+            self._go_offline("start", exc)
+            return self.run_id
+        if self.system_metrics:
+            self._start_system_metrics(resume=resume_run_id is not None)
+        return self.run_id
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run (FINISHED, FAILED or KILLED). Safe to call twice."""
+        if self._closed or self._start_record is None:
+            return
+        self._closed = True
+        if self._monitor is not None and not self.is_offline:
+            self._monitor.finish()  # flushes the last system metrics before the run ends
+        self._write(lambda: self._client.set_terminated(self.run_id, status=status),
+                    {"type": "end", "status": status, "timestamp": _now_ms()}, "close")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close("FAILED" if exc_type is not None else "FINISHED")
+
+    # -- logging
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """All metrics of one step in one request (MLflow's log_batch)."""
+        timestamp = _now_ms()
+        values = {str(k): float(v) for k, v in metrics.items()}
+        self._write(lambda: log_metrics_batched(self._client, self.run_id, values, int(step), timestamp),
+                    {"type": "metrics", "step": int(step), "timestamp": timestamp, "metrics": values},
+                    "log_metrics")
+
+    def log_params(self, params) -> None:
+        """Params known only after start (e.g. the model's parameter count)."""
+        flat = flatten_params(params)
+        self._write(lambda: log_params_batched(self._client, self.run_id, flat),
+                    {"type": "params", "params": flat}, "log_params")
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """A file or a whole directory. The file must still exist if it has to be replayed later."""
+        path = Path(path).resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"log_artifact: {path} does not exist")
+        log = self._client_call("log_artifacts" if path.is_dir() else "log_artifact")
+        self._write(lambda: log(self.run_id, str(path), artifact_path),
+                    {"type": "artifact", "path": str(path), "artifact_path": artifact_path}, "log_artifact")
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._require_started()
+        if self.is_offline:
+            return self._offline_side_file(text, artifact_file)
+        try:
+            self._client.log_text(self.run_id, text, artifact_file)
+        except Exception as exc:  # noqa: BLE001
+            self._go_offline("log_text", exc)
+            self._offline_side_file(text, artifact_file)
+
+    def log_dict(self, dictionary: Mapping, artifact_file: str) -> None:
+        self.log_text(json.dumps(dictionary, indent=2, sort_keys=True, default=str), artifact_file)
+
+    # -- internals
+
+    def _require_started(self) -> None:
+        if self._start_record is None:
+            raise RuntimeError("MlflowTracker: call start() before logging")
+        if self._closed:
+            raise RuntimeError("MlflowTracker: the run is closed")
+
+    def _client_call(self, name: str):
+        return lambda *args: getattr(self._client, name)(*args)
+
+    def _write(self, online, record: dict, where: str) -> None:
+        """Run `online` against the store, or append `record` to the offline log."""
+        if record["type"] != "end":
+            self._require_started()
+        for attempt in range(2 if not self.is_offline else 0):
+            try:
+                online()
+                return
+            except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
+                if attempt == 0:  # one more try: a busy sqlite file ("database is locked") recovers
+                    time.sleep(0.5)
+                    continue
+                self._go_offline(where, exc)
+        self.offline.append(record)
+
+    def _offline_side_file(self, text: str, artifact_file: str) -> None:
+        side = self.offline.write_side_file(artifact_file, text)
+        parent = str(Path(artifact_file).parent)
+        self.offline.append({"type": "artifact", "path": str(side),
+                             "artifact_path": None if parent == "." else parent})
+
+    def _go_offline(self, where: str, exc: Exception) -> None:
+        if self.is_offline:
+            return
+        self.is_offline = True
+        if self._monitor is not None:  # its thread would keep failing against the same store
+            self._monitor._shutdown_event.set()
+        warnings.warn(f"MLflow store {self.tracking_uri} unreachable in {where} "
+                      f"({type(exc).__name__}: {str(exc)[:300]}). Training continues; tracking goes to "
+                      f"{self.offline.path}. Import it later with: python -m mfrnet_ds.tracking.replay "
+                      f"{self.offline.path} [--uri URI]", TrackingWarning, stacklevel=3)
+        self.offline.append({**self._start_record, "run_id": self.run_id, "timestamp": _now_ms()})
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_interval,
+                                                 resume_logging=resume, tracking_uri=self.tracking_uri)
+            self._monitor.start()
+        except Exception as exc:  # noqa: BLE001 - e.g. psutil missing: no system metrics, run goes on
+            self._monitor = None
+            warnings.warn(f"MLflow system metrics disabled: {type(exc).__name__}: {exc}", TrackingWarning,
+                          stacklevel=3)
+
+
+class NullTracker:
+    """The tracker of every rank but 0: same methods, does nothing."""
+
+    run_id = None
+    is_offline = False
+
+    def start(self, experiment, run_name, params, tags=None, resume_run_id=None):
+        return None
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def log_params(self, params):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def log_text(self, text, artifact_file):
+        pass
+
+    def log_dict(self, dictionary, artifact_file):
+        pass
+
+    def close(self, status="FINISHED"):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        pass
+
+
+def tracker_for_rank(rank: int, out_dir: str | os.PathLike, **kwargs) -> MlflowTracker | NullTracker:
+    """Rank 0 writes the run; the other ranks get a NullTracker."""
+    return MlflowTracker(out_dir, **kwargs) if rank == 0 else NullTracker()

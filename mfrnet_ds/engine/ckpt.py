@@ -10,6 +10,7 @@ A crash while writing leaves the new tag without COMPLETE and `latest` still nam
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 KEEP_LAST = 2
+log = logging.getLogger(__name__)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -71,15 +73,44 @@ def resolve(path: str | Path) -> tuple[Path, str]:
                             f"with COMPLETE, or a tag folder itself)")
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
-    """Restore engine + RNG state; returns the loop's client state."""
-    load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+def layout(engine, world_size: int) -> dict:
+    """What the optimiser state's sharding depends on; saved with every checkpoint."""
+    return {"world_size": world_size, "zero_stage": engine.zero_optimization_stage(),
+            "ep_sizes": sorted({m.ep_size for m in engine.module.moe_layers})}
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int, current_layout: dict) -> dict:
+    """Restore engine + RNG state; returns the loop's client state.
+
+    Same layout (world size, ZeRO stage, expert-parallel sizes): everything is restored. Another layout:
+    the weights, experts included, are restored (expert files are keyed by global expert index, so any
+    ep_size re-shards them) but the optimiser moments start afresh, because DeepSpeed shards them by
+    rank; the step, the lr schedule and the best mAP carry over. A warning says so.
+    """
+    saved = _peek_client(ckpt_dir / tag).get("layout")
+    same = saved == current_layout
+    load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not same,
+                                               load_optimizer_states=same, load_lr_scheduler_states=same)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    if not same:
+        if rank == 0:
+            log.warning("checkpoint %s was written with %s, this run has %s: weights and experts restored, "
+                        "optimizer state (Adam moments) reset; step, lr schedule and best mAP continue",
+                        ckpt_dir / tag, saved, current_layout)
+        client = _peek_client(ckpt_dir / tag)
+        if engine.lr_scheduler is not None:
+            engine.lr_scheduler.last_epoch = client.get("step", 0) - 1
+            engine.lr_scheduler.step()
     rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
+    if same and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return client
+
+
+def _peek_client(tag_dir: Path) -> dict:
+    # our own file, written by save(); it holds DeepSpeed objects, hence weights_only=False
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
 
 
 def _rotate(ckpt_dir: Path, protect: set[str]) -> None:

@@ -83,13 +83,16 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
     # fixed by the seed (a resume then restores them from the checkpoint).
     seed_everything(config.train.seed * 1000 + info.rank)
     # client state saved in every checkpoint; the config lets `mfrnet_ds.export` rebuild the model
-    state = {"step": 0, "best_map": -1.0, "run_id": None, "config": config.to_dict()}
+    state = {"step": 0, "best_map": -1.0, "run_id": None, "config": config.to_dict(),
+             "layout": ckpt.layout(engine, info.world_size)}
     if resume:
         found = ckpt.read_pointer(ckpt_dir, "latest")
         if found is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_dir}")
-        client = ckpt.load(engine, ckpt_dir, found, info.rank)
+        client = ckpt.load(engine, ckpt_dir, found, info.rank, ckpt.layout(engine, info.world_size))
         state.update({k: client[k] for k in ("step", "best_map", "run_id") if k in client})
+        if client.get("layout") != state["layout"]:   # no RNG state for this layout: a fresh stream per step
+            seed_everything(config.train.seed * 1000 + info.rank + 7919 * state["step"])
         if info.is_main:
             log.info("resumed from %s at step %d", ckpt_dir / found, state["step"])
 

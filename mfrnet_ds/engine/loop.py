@@ -24,6 +24,7 @@ from mfrnet_ds.eval.embed import evaluate_settings, format_table
 from mfrnet_ds.model import MISSING_SETTINGS, build_model
 from mfrnet_ds.stream.pipeline import read_manifest, train_loader
 from mfrnet_ds.tracking import NullTracker, tracker_for_rank
+from mfrnet_ds.tracking.finish import finalize_run
 
 log = logging.getLogger("mfrnet_ds.train")
 
@@ -132,8 +133,8 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
         raise
     if info.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        tracker.log_artifact(out_dir / "metrics.json")
-        tracker.log_artifact(out_dir / "config.json")
+        finalize_run(tracker, out_dir=out_dir, ckpt_dir=ckpt_dir, shards=config.data.shards, manifest=manifest,
+                     config=config)
     tracker.close("FINISHED")
     return metrics
 

@@ -1,0 +1,138 @@
+"""Benchmark: one MFRNet training step under the DeepSpeed engine vs a plain PyTorch loop, in the same run.
+
+    python bench/train_step.py                              # CPU: tiny preset, fp32
+    python bench/train_step.py --device cuda --preset base --batch 64 --dtype bf16   # GPU: paper shapes
+
+Both sides train the same model (same weights, same batch, same Adam groups) on random P x K batches; the
+plain side is the reference's style: torch.autocast + GradScaler-free bf16 (or fp32), loss.backward(),
+optimizer.step(). Reports ms/step, samples/s (a sample = one RGB/NIR/TIR triplet) and model FLOPs
+utilisation against `--peak-tflops` (default: H100 SXM dense bf16, 989 TFLOP/s; on CPU pass your own or
+read MFU as n/a). Target on an H100: DeepSpeed >= 40% MFU and not slower than the plain loop.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mfrnet_ds import build_model, load_config
+from mfrnet_ds.engine import dist as D
+from mfrnet_ds.engine.loss import compute_losses
+from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_batch(batch: int, k: int, img_size, num_classes: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 3, *img_size, generator=g).to(device)
+    labels = (torch.arange(batch) // k % num_classes).to(device)
+    camids = torch.randint(0, 4, (batch,), generator=g).to(device)
+    return images, labels, camids
+
+
+def step_flops(model, images, camids, labels, cfg) -> float:
+    """FLOPs of forward + backward of one step, counted on the real shapes."""
+    with FlopCounterMode(display=False) as counter:
+        out = model(images, camids)
+        compute_losses(out, labels, cfg.loss)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def time_steps(step, warmup: int, steps: int, device) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--preset", default=None, help="default: tiny on CPU, base on CUDA")
+    ap.add_argument("--batch", type=int, default=None, help="triplets per step (default: 16 CPU, 64 CUDA)")
+    ap.add_argument("--k", type=int, default=4, help="instances per identity")
+    ap.add_argument("--img", type=int, nargs=2, default=[256, 128])
+    ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 CPU, bf16 CUDA")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (CUDA default 989)")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model.frm.num_experts=8")
+    args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    preset = args.preset or ("base" if cuda else "tiny")
+    batch = args.batch or (64 if cuda else 16)
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    peak = args.peak_tflops or (989.0 if cuda else None)
+
+    info = D.init_distributed()
+    device = info.device
+    cfg = load_config(None, [f"model.preset={preset}", f"model.img_size=[{args.img[0]},{args.img[1]}]",
+                             "model.num_classes=171", f"train.global_batch={batch}", f"data.num_instances={args.k}",
+                             *args.overrides])
+    images, labels, camids = make_batch(batch, args.k, cfg.model.img_size, 171, device)
+
+    # build_model is deterministic: both sides start from the same weights
+    flops = step_flops(build_model(cfg).to(device), images, camids, labels, cfg)
+
+    # plain PyTorch: autocast for low precision, the reference's style
+    plain = build_model(cfg).to(device).train()
+    opt = build_optimizer(param_groups(plain, cfg.optim), cfg.optim, device)
+
+    def plain_step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = plain(images, camids)
+            loss = compute_losses(out, labels, cfg.loss)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # DeepSpeed engine: bf16 through its config, like launch/train.py
+    ds_cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "train_batch_size": batch,
+              "zero_optimization": {"stage": 1 if cuda else 0}, "bf16": {"enabled": dtype == torch.bfloat16},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    ds_model = build_model(cfg).to(device)
+    engine = D.initialize(ds_model, build_optimizer(param_groups(ds_model, cfg.optim), cfg.optim, device),
+                          build_scheduler(10 ** 6, 0, cfg.optim), ds_cfg, info)
+    ds_images = images.to(D.engine_dtype(engine))
+
+    def ds_step():
+        out = engine(ds_images, camids)
+        loss = compute_losses(out, labels, cfg.loss)["loss"]
+        engine.backward(loss)
+        engine.step()
+
+    rows = []
+    for name, fn in (("plain-torch", plain_step), ("deepspeed", ds_step)):
+        t = statistics.median(time_steps(fn, args.warmup, args.steps, device))
+        tflops = flops / t / 1e12
+        rows.append((name, t * 1e3, batch / t, tflops, 100 * tflops / peak if peak else None))
+    dev = torch.cuda.get_device_name() if cuda else f"CPU x{os.cpu_count()} ({torch.get_num_threads()} threads)"
+    print(f"train step | {dev} | preset {preset} | batch {batch} triplets {cfg.model.img_size[0]}x"
+          f"{cfg.model.img_size[1]} | {str(dtype).split('.')[-1]} | {flops / 1e9:.1f} GFLOP/step | "
+          f"median of {args.steps} after {args.warmup} warm-up")
+    print(f"{'loop':<14}{'ms/step':>10}{'samples/s':>12}{'TFLOP/s':>10}{'MFU %':>8}{'vs plain':>10}")
+    for name, ms, sps, tf, mfu in rows:
+        print(f"{name:<14}{ms:>10.1f}{sps:>12.1f}{tf:>10.3f}{(f'{mfu:.1f}' if mfu is not None else 'n/a'):>8}"
+              f"{rows[0][1] / ms:>9.2f}x")
+    if peak:
+        ok = rows[1][4] >= 40 and rows[1][1] <= rows[0][1] * 1.0
+        print(f"target (DeepSpeed >= 40% MFU and not slower than plain): {'PASS' if ok else 'MISS'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

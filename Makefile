@@ -3,6 +3,9 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# DeepSpeed JIT-builds a small CPU op on first use; keep the build with this environment so two checkouts
+# on one machine do not rebuild it over each other in ~/.cache.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup test demo clean
 

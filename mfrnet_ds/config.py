@@ -35,7 +35,10 @@ class MoEConfig:
     min_capacity: int = 4
     drop_tokens: bool = True          # training: tokens over an expert's capacity are dropped
     eval_drop_tokens: bool = False    # evaluation: off, so an embedding never depends on its batch-mates
-    gate_noise: Literal["none", "RSample", "Jitter"] = "RSample"
+    # training-time routing noise: "normal" adds N(0, (gate_noise_scale / num_experts)^2) to the router logits
+    # (the paper's Tutel setting, gate_noise 1.0); RSample (Gumbel) and Jitter are DeepSpeed's policies
+    gate_noise: Literal["none", "normal", "RSample", "Jitter"] = "normal"
+    gate_noise_scale: float = 1.0
     aux_weight: float = 0.01          # per MoE layer, as the paper intends (the reference used 12x this)
     ep_size: int = 1                  # expert-parallel ranks the experts of one layer are spread over
 

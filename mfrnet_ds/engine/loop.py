@@ -241,6 +241,8 @@ def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
             suffix = f"_missing_{missing}" if missing else ""
             metrics.update({f"{k}{suffix}": v for k, v in r.items()})
         tracker.log_metrics(metrics, state["step"])
+        with open(Path(config.train.out_dir) / "eval_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": state["step"], "time": time.time(), **metrics}) + "\n")
         log.info("evaluation at step %d:\n%s", state["step"], format_table(results))
     best = torch.tensor([metrics.get("mAP", -1.0) if info.is_main else 0.0])
     if info.world_size > 1:

@@ -43,8 +43,8 @@ class _Router(TopKGate):
 
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__(dim, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.eval_capacity_factor,
-                         cfg.min_capacity, None if cfg.gate_noise == "none" else cfg.gate_noise,
-                         cfg.drop_tokens, use_rts=True)
+                         cfg.min_capacity, _deepspeed_noise(cfg), cfg.drop_tokens, use_rts=True)
+        self.normal_noise_std = cfg.gate_noise_scale / cfg.num_experts if cfg.gate_noise == "normal" else 0.0
         self.eval_drop_tokens = cfg.eval_drop_tokens
         self.dropped_fraction = torch.zeros(())
 
@@ -58,6 +58,8 @@ class _Router(TopKGate):
         if self.noisy_gate_policy == "Jitter" and self.training:
             x = multiplicative_jitter(x, device=x.device)
         logits = self.logits(x)
+        if self.normal_noise_std and self.training:
+            logits = logits + torch.randn_like(logits) * self.normal_noise_std
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         drop = self.drop_tokens if self.training else self.eval_drop_tokens
         if self.k == 1:
@@ -111,6 +113,11 @@ class CosineRouter(_Router):
 ROUTERS = {"linear": LinearRouter, "cosine": CosineRouter}
 
 
+def _deepspeed_noise(cfg: MoEConfig) -> str | None:
+    """The noise policies DeepSpeed's gating applies itself; ours ("normal") is added to the logits above."""
+    return cfg.gate_noise if cfg.gate_noise in ("RSample", "Jitter") else None
+
+
 class SparseMoE(nn.Module):
     """A DeepSpeed MoE layer that returns a tensor and keeps what its last forward measured.
 
@@ -127,7 +134,7 @@ class SparseMoE(nn.Module):
         self.moe = MoE(dim, expert, num_experts=cfg.num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
                        capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
                        min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens,
-                       noisy_gate_policy=None if cfg.gate_noise == "none" else cfg.gate_noise)
+                       noisy_gate_policy=_deepspeed_noise(cfg))
         # DeepSpeed's MoE takes no gate argument: swap the gate it built, keeping its dispatch and all-to-all.
         self.moe.deepspeed_moe.gate = ROUTERS[cfg.router](dim, cfg)
         self.aux_loss: torch.Tensor | None = None

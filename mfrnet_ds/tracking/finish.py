@@ -1,10 +1,150 @@
-"""End of a training run on rank 0: files a person looks at, logged as MLflow artifacts."""
+"""End of a training run on rank 0: the files a person looks at, written to OUT_DIR and logged as artifacts.
+
+    OUT_DIR/config.json, deepspeed.json, metrics.json, metrics_untrained.json, train_log.jsonl  (trainer)
+    OUT_DIR/manifest.json          copy of the shard manifest the run trained on
+    OUT_DIR/plots/                 learning_curves.png, expert_load_<name>.png
+    OUT_DIR/model.pt               fp32 export of the latest checkpoint (mfrnet_ds.export)
+    OUT_DIR/experts/               the expert picture (mfrnet_ds.viz) on a few query samples
+
+Artifacts keep these names (plots/ and experts/ as folders). Every step is on its own: a failure warns
+(FinalizeWarning) and the next step runs, so a broken plot never costs the run its model or metrics.
+Heavy imports happen inside the steps for the same reason: importing this module cannot fail the trainer.
+"""
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+import time
+import warnings
 from pathlib import Path
 
+log = logging.getLogger("mfrnet_ds.tracking")
 
-def finalize_run(tracker, *, out_dir: Path, ckpt_dir: Path, shards: str, manifest: dict, config) -> None:
-    for name in ("config.json", "deepspeed.json", "metrics.json", "metrics_untrained.json", "train_log.jsonl"):
+RUN_FILES = ("config.json", "deepspeed.json", "metrics.json", "metrics_untrained.json", "train_log.jsonl")
+EXPERT_SAMPLES = 4
+
+
+class FinalizeWarning(UserWarning):
+    """One end-of-run step failed; the others still ran."""
+
+
+def _step(what: str, fn):
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - whatever fails here, the trained run must survive
+        warnings.warn(f"finalize_run: {what} failed ({type(exc).__name__}: {str(exc)[:500]}); continuing without "
+                      "it", FinalizeWarning, stacklevel=3)
+        return None
+    log.debug("finalize: %s (%.1f s)", what, time.perf_counter() - start)
+    return result
+
+
+def finalize_run(tracker, *, out_dir: Path, ckpt_dir: Path, shards: str, manifest: dict, config,
+                 expert_samples: int = EXPERT_SAMPLES) -> dict[str, Path]:
+    """Write and log the end-of-run files; returns what was written ({name: path}). Rank 0 only."""
+    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
+    start = time.perf_counter()
+    written: dict[str, Path] = {}
+    for name in RUN_FILES:
         if (out_dir / name).is_file():
-            tracker.log_artifact(out_dir / name)
+            _step(f"log {name}", lambda name=name: tracker.log_artifact(out_dir / name))
+
+    manifest_file = _step("copy the shard manifest", lambda: _copy_manifest(shards, manifest, out_dir))
+    if manifest_file:
+        written["manifest"] = manifest_file
+        _step("log manifest.json", lambda: tracker.log_artifact(manifest_file))
+
+    plots = _step("plots", lambda: _plots(tracker, out_dir, getattr(config, "name", "run")))
+    if plots:
+        written.update(plots)
+        _step("log plots", lambda: tracker.log_artifact(out_dir / "plots", "plots"))
+
+    model_file = _step("export model.pt", lambda: _export(ckpt_dir, out_dir / "model.pt"))
+    if model_file:
+        written["model"] = model_file
+        _step("log model.pt", lambda: tracker.log_artifact(model_file))
+        experts = _step("expert picture", lambda: _experts(model_file, shards, out_dir / "experts", expert_samples))
+        if experts:
+            written["experts"] = out_dir / "experts"
+            _step("log the expert picture", lambda: tracker.log_artifact(out_dir / "experts", "experts"))
+    log.info("end of run: %s written to %s and logged (%.1f s)", ", ".join(sorted(written)) or "nothing", out_dir,
+             time.perf_counter() - start)
+    return written
+
+
+def _copy_manifest(shards, manifest: dict, out_dir: Path) -> Path:
+    target = out_dir / "manifest.json"
+    source = Path(shards) / "manifest.json"
+    if source.is_file():
+        shutil.copyfile(source, target)
+    else:  # shards moved away during training: the copy the trainer read is still good
+        target.write_text(json.dumps(manifest, indent=2))
+    return target
+
+
+def _plots(tracker, out_dir: Path, name: str) -> dict[str, Path]:
+    from mfrnet_ds.tracking.plots import expert_load_heatmap, learning_curves, log_history, read_train_log
+
+    history = log_history(read_train_log(out_dir / "train_log.jsonl"))
+    last_step = max((int(steps[-1]) for steps, _ in history.values() if len(steps)), default=0)
+    plots_dir = out_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    found = {}
+    evals = eval_history(tracker, out_dir, last_step)
+    curves = learning_curves(history, plots_dir / "learning_curves.png", evals=evals, title=f"{name}: {out_dir}")
+    if curves:
+        found["learning_curves"] = curves
+    heatmap = expert_load_heatmap(history, plots_dir, name)
+    if heatmap:
+        found["expert_load"] = heatmap
+    return found
+
+
+def eval_history(tracker, out_dir: Path, last_step: int) -> dict:
+    """{mAP|R1|R5|R10: (steps, values)} of every evaluation, from the run's MLflow history; when the
+    store cannot be read (offline run, no tracking), from metrics_untrained.json (step 0) and
+    metrics.json (the last step), which the trainer writes."""
+    import numpy as np
+
+    from mfrnet_ds.tracking.plots import EVAL_KEYS
+
+    run_id, uri = getattr(tracker, "run_id", None), getattr(tracker, "tracking_uri", None)
+    if run_id and uri and not getattr(tracker, "is_offline", False):
+        try:
+            from mlflow.tracking import MlflowClient
+
+            from mfrnet_ds.compare import fetch_histories
+
+            client = MlflowClient(uri)
+            keys = [k for k in EVAL_KEYS if k in client.get_run(run_id).data.metrics]
+            return dict(fetch_histories(client, None, {run_id: keys}).get(run_id, {}))
+        except Exception as exc:  # noqa: BLE001 - fall back to the files
+            warnings.warn(f"finalize_run: evaluation history not readable from {uri} ({type(exc).__name__}); "
+                          "plotting the first and last evaluation only", FinalizeWarning, stacklevel=2)
+    points: dict[str, dict[int, float]] = {}
+    for name, step in (("metrics_untrained.json", 0), ("metrics.json", last_step)):
+        path = out_dir / name
+        if path.is_file():
+            for key, value in json.loads(path.read_text()).items():
+                if key in EVAL_KEYS:
+                    points.setdefault(key, {})[step] = float(value)
+    return {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)])) for k, v in points.items()}
+
+
+def _export(ckpt_dir: Path, target: Path) -> Path:
+    from mfrnet_ds.export import export
+
+    return export(ckpt_dir, target)
+
+
+def _experts(model_file: Path, shards, out: Path, n: int) -> Path:
+    from mfrnet_ds.export import load_exported
+    from mfrnet_ds.viz import expert_pictures
+
+    _, model = load_exported(model_file)
+    if out.exists():
+        shutil.rmtree(out)  # this folder is ours: a resumed run must not keep the earlier pictures
+    expert_pictures(model, shards, out, n=n, split="query", progress=False)
+    return out

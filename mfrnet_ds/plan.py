@@ -351,7 +351,8 @@ def format_plan(p: dict) -> str:
     t = p["time_s"]
     lines = [
         f"# capacity plan: preset {p['model']['preset']} {p['model']['img_size'][0]}x{p['model']['img_size'][1]}, "
-        f"{c['nodes']} node{'s' if c['nodes'] > 1 else ''} x {c['gpus_per_node']} GPUs = {c['world']}, ZeRO-{p['zero_stage']}, "
+        f"{c['nodes']} node{'s' if c['nodes'] > 1 else ''} x {c['gpus_per_node']} GPUs = {c['world']}, "
+        f"ZeRO-{p['zero_stage']}, "
         f"{'bf16/fp16' if p['dtype_bytes'] == 2 else 'fp32'}",
         f"batch: global {bt['global']} = micro {bt['micro']} x accumulation {bt['grad_accum']} x {c['world']} GPUs; "
         f"{bt['tokens_per_micro']:,} tokens per micro step ({p['model']['tokens_per_image']} per image)",

@@ -19,7 +19,7 @@ $(BIN)/.installed: requirements.txt requirements-torch.txt
 setup: $(BIN)/.installed
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh

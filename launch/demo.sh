@@ -18,7 +18,10 @@ python shards/synth.py --layout rgbnt201 --out "$OUT/raw" --ids 60 --cams 4 --pe
 echo "== 2/4 WebDataset shards -> $OUT/shards"
 python shards/build.py --dataset rgbnt201 --root "$OUT/raw" --out "$OUT/shards" --workers 2 --maxcount 64
 echo "== 3/4 training on $NPROC process(es), FRM ep_size $EP, $DS"
-deepspeed --num_gpus "$NPROC" launch/train.py --config configs/demo.yaml --deepspeed_config "$DS" \
+PORT=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+# DeepSpeed's CPU all-reduce leaves two shared-memory segments per run; remove ours when done
+trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_$(id -u)_127.0.0.1_${PORT}_*' EXIT
+deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config configs/demo.yaml --deepspeed_config "$DS" \
   model.frm.ep_size="$EP" data.shards="$OUT/shards" train.out_dir="$OUT/run" tracking.uri="sqlite:///$PWD/$OUT/mlflow.db"
 echo "== 4/4 results"
 python - "$OUT" <<'PY'

@@ -15,6 +15,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 from deepspeed.accelerator import get_accelerator
 
 from mfrnet_ds.config import Config, ConfigError, check, derive_batch
@@ -42,7 +43,13 @@ def init_distributed(local_rank: int | None = None, timeout_s: float = 600.0) ->
     if local_rank is not None and local_rank >= 0:
         os.environ["LOCAL_RANK"] = str(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        # DeepSpeed makes its expert/data-parallel groups with dist.new_group(ranks) and no timeout, so they get
+        # torch's default (30 min gloo, 10 min NCCL), not ours: a frozen peer would stall the MoE all-to-all.
+        # There is no public knob; these module defaults are what new_group falls back to.
+        distributed_c10d.default_pg_timeout = timeout
+        distributed_c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(timeout=timeout)
     acc = get_accelerator()
     lr = int(os.environ.get("LOCAL_RANK", 0))
     if acc.device_name() == "cuda":

@@ -244,7 +244,7 @@ def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
         with open(Path(config.train.out_dir) / "eval_log.jsonl", "a") as f:
             f.write(json.dumps({"step": state["step"], "time": time.time(), **metrics}) + "\n")
         log.info("evaluation at step %d:\n%s", state["step"], format_table(results))
-    best = torch.tensor([metrics.get("mAP", -1.0) if info.is_main else 0.0])
+    best = torch.tensor([metrics.get("mAP", -1.0) if info.is_main else 0.0], device=info.device)  # NCCL: on device
     if info.world_size > 1:
         dist.broadcast(best, src=0)
     if keep_best and best.item() > state["best_map"]:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from mfrnet_ds.config import Config, ConfigError, _build, check
+from mfrnet_ds.config import ConfigError, check, config_from_saved
 
 
 def main(argv=None) -> int:
@@ -41,9 +41,7 @@ def main(argv=None) -> int:
         print(f"error: --missing={args.missing!r}: expected all, {', '.join(MISSING_SETTINGS)}", file=sys.stderr)
         return 2
     try:
-        ckpt_dir, tag = ckpt.resolve(args.checkpoint)
-        if args.best:
-            tag = ckpt.read_pointer(ckpt_dir, "best") or tag
+        ckpt_dir, tag = ckpt.resolve(args.checkpoint, best=args.best)
         manifest = read_manifest(args.shards)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -51,9 +49,8 @@ def main(argv=None) -> int:
 
     info = D.init_distributed(args.local_rank)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s")
-    client = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    config: Config = _build(Config, client["config"], "")
-    config.model.pretrained = ""          # the checkpoint holds every weight
+    client = ckpt.read_model_states(ckpt_dir / tag)
+    config = config_from_saved(client["config"])
     try:
         check(config, info.world_size)
     except ConfigError as e:

@@ -164,6 +164,13 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     return config
 
 
+def config_from_saved(data: dict) -> Config:
+    """The config stored in a checkpoint or an exported model. Pretrained weights are not reloaded: the
+    file holds every weight."""
+    config = _build(Config, data, "")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=""))
+
+
 def _set_dotted(data: dict, key: str, value: Any) -> None:
     node = data
     parts = key.split(".")

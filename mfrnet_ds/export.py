@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from mfrnet_ds.config import Config, _build
-from mfrnet_ds.engine.ckpt import read_pointer, resolve
+from mfrnet_ds.config import config_from_saved
+from mfrnet_ds.engine.ckpt import read_model_states, resolve
 
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 
 
 def merged_state_dict(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(full fp32 state dict with global expert indices, the client state saved with it)."""
-    main = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    main = read_model_states(tag_dir)
     state = {k: v.float() if v.is_floating_point() else v for k, v in main["module"].items()}
     for f in sorted(tag_dir.iterdir()):
         if _EXPERT_FILE.search(f.name):
@@ -36,9 +36,7 @@ def merged_state_dict(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def export(ckpt: str | Path, out: str | Path, use_best: bool = False) -> Path:
-    ckpt_dir, tag = resolve(ckpt)
-    if use_best:
-        tag = read_pointer(ckpt_dir, "best") or tag
+    ckpt_dir, tag = resolve(ckpt, best=use_best)
     state, main = merged_state_dict(ckpt_dir / tag)
     if "config" not in main:
         raise ValueError(f"{ckpt_dir / tag}: no experiment config in the checkpoint (not written by mfrnet_ds?)")
@@ -58,8 +56,7 @@ def load_exported(path: str | Path):
     from mfrnet_ds.model import build_model
 
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    config: Config = _build(Config, blob["config"], "")
-    config.model.pretrained = ""
+    config = config_from_saved(blob["config"])
     model = build_model(config)
     model.load_state_dict(blob["state_dict"])
     return config, model.eval()

@@ -60,15 +60,16 @@ def read_pointer(ckpt_dir: Path, name: str) -> str | None:
     return tag if (Path(ckpt_dir) / tag / "COMPLETE").is_file() else None
 
 
-def resolve(path: str | Path) -> tuple[Path, str]:
-    """A checkpoint folder (its `latest` is used) or one tag folder -> (checkpoints dir, tag)."""
+def resolve(path: str | Path, best: bool = False) -> tuple[Path, str]:
+    """A checkpoint folder (its `latest`, or with `best` its best-mAP tag where there is one) or one tag
+    folder -> (checkpoints dir, tag)."""
     path = Path(path)
     if (path / "COMPLETE").is_file():
         return path.parent, path.name
     for candidate in (path, path / "checkpoints"):
         tag = read_pointer(candidate, "latest")
         if tag:
-            return candidate, tag
+            return candidate, (best and read_pointer(candidate, "best")) or tag
     raise FileNotFoundError(f"{path}: no complete checkpoint (expected a 'latest' file naming a tag folder "
                             f"with COMPLETE, or a tag folder itself)")
 
@@ -87,7 +88,8 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, current_layout: dict) -> d
     ep_size re-shards them) but the optimiser moments start afresh, because DeepSpeed shards them by
     rank; the step, the lr schedule and the best mAP carry over. A warning says so.
     """
-    saved = _peek_client(ckpt_dir / tag).get("layout")
+    states = read_model_states(ckpt_dir / tag)
+    saved = states.get("layout")
     same = saved == current_layout
     load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not same,
                                                load_optimizer_states=same, load_lr_scheduler_states=same)
@@ -98,7 +100,7 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, current_layout: dict) -> d
             log.warning("checkpoint %s was written with %s, this run has %s: weights and experts restored, "
                         "optimizer state (Adam moments) reset; step, lr schedule and best mAP continue",
                         ckpt_dir / tag, saved, current_layout)
-        client = _peek_client(ckpt_dir / tag)
+        client = states   # DeepSpeed returns no client state when it loads the module only
         if engine.lr_scheduler is not None:
             engine.lr_scheduler.last_epoch = client.get("step", 0) - 1
             engine.lr_scheduler.step()
@@ -108,7 +110,8 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, current_layout: dict) -> d
     return client
 
 
-def _peek_client(tag_dir: Path) -> dict:
+def read_model_states(tag_dir: Path) -> dict:
+    """DeepSpeed's non-expert file of a tag: `module` weights plus our client state (step, config, layout)."""
     # our own file, written by save(); it holds DeepSpeed objects, hence weights_only=False
     return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
 

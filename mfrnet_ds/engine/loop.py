@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mfrnet_ds.config import Config, ConfigError, check, derive_batch, flatten
+from mfrnet_ds.config import Config, ConfigError, derive_batch
 from mfrnet_ds.engine import ckpt
 from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.loss import compute_losses
@@ -70,7 +70,6 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
     ckpt_dir = out_dir / "checkpoints"
     manifest = read_manifest(config.data.shards)
     config = with_dataset(config, manifest)
-    check(config, info.world_size)
     ds_config = D.deepspeed_config(config, info.world_size, ds_config_path)
     plan = make_plan(config, manifest, info.world_size)
 
@@ -90,7 +89,7 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
         found = ckpt.read_pointer(ckpt_dir, "latest")
         if found is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_dir}")
-        client = ckpt.load(engine, ckpt_dir, found, info.rank, ckpt.layout(engine, info.world_size))
+        client = ckpt.load(engine, ckpt_dir, found, info.rank, state["layout"])
         state.update({k: client[k] for k in ("step", "best_map", "run_id") if k in client})
         if client.get("layout") != state["layout"]:   # no RNG state for this layout: a fresh stream per step
             seed_everything(config.train.seed * 1000 + info.rank + 7919 * state["step"])

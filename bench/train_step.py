@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mfrnet_ds import build_model, load_config
 from mfrnet_ds.engine import dist as D
-from mfrnet_ds.engine.loss import compute_losses
+from mfrnet_ds.engine.loop import step_losses
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -38,8 +38,7 @@ def make_batch(batch: int, k: int, img_size, num_classes: int, device, seed: int
 def step_flops(model, images, camids, labels, cfg) -> float:
     """FLOPs of forward + backward of one step, counted on the real shapes."""
     with FlopCounterMode(display=False) as counter:
-        out = model(images, camids)
-        compute_losses(out, labels, cfg.loss)["loss"].backward()
+        step_losses(model, images, camids, labels, cfg.loss)["loss"].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -94,8 +93,7 @@ def main(argv=None) -> int:
 
     def plain_step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = plain(images, camids)
-            loss = compute_losses(out, labels, cfg.loss)["loss"]
+            loss = step_losses(plain, images, camids, labels, cfg.loss)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -110,8 +108,7 @@ def main(argv=None) -> int:
     ds_images = images.to(D.engine_dtype(engine))
 
     def ds_step():
-        out = engine(ds_images, camids)
-        loss = compute_losses(out, labels, cfg.loss)["loss"]
+        loss = step_losses(engine, ds_images, camids, labels, cfg.loss)["loss"]
         engine.backward(loss)
         engine.step()
 

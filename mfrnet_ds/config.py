@@ -296,33 +296,48 @@ def _divisors(n: int) -> list[int]:
 
 
 def derive_batch(config: Config, world_size: int) -> tuple[int, int]:
-    """Return (micro_batch, grad_accum) with global = micro x accum x world; fail clearly on a conflict."""
+    """Return (micro_batch, grad_accum) with global = micro x accum x world; fail clearly on a conflict.
+
+    Losses and BNNeck see the global micro batch (micro x world, gathered over the ranks), so that is what
+    must hold whole identities, at least two of them; a rank's own micro batch may hold part of one.
+    """
     t = config.train
     k = config.data.num_instances
     g = t.global_batch
     if g % world_size:
-        raise ConfigError(f"train.global_batch={g} is not divisible by the data-parallel world size {world_size}")
+        raise ConfigError(f"train.global_batch={g} is not divisible by the data-parallel world size {world_size} "
+                          f"(world sizes that work: {', '.join(str(d) for d in _divisors(g) if d <= 4096)})")
     per_rank = g // world_size
     micro, accum = t.micro_batch, t.grad_accum
     if micro is None and accum is None:
         accum = 1
     if micro is None:
-        if per_rank % accum:
+        if accum <= 0 or per_rank % accum:
             raise ConfigError(f"train.grad_accum={accum}: global batch {g} / world {world_size} = {per_rank} "
-                              f"per rank is not divisible by it")
+                              f"per rank is not divisible by it (allowed: {_list(_divisors(per_rank))})")
         micro = per_rank // accum
     elif accum is None:
         if micro <= 0 or per_rank % micro:
             raise ConfigError(f"train.micro_batch={micro}: must divide the per-rank batch {per_rank} "
-                              f"(global {g} / world {world_size})")
+                              f"(global {g} / world {world_size}; allowed: {_list(_divisors(per_rank))})")
         accum = per_rank // micro
     if micro * accum * world_size != g:
         raise ConfigError(f"train.micro_batch={micro} x train.grad_accum={accum} x world {world_size} = "
                           f"{micro * accum * world_size}, but train.global_batch={g}")
-    if micro % k:
-        raise ConfigError(f"micro batch {micro} (global {g} / world {world_size} / accumulation {accum}) is not "
-                          f"divisible by data.num_instances={k}: each micro batch holds whole P x K groups")
+    global_micro = micro * world_size
+    if global_micro % k or global_micro < 2 * k:
+        good = [a for a in _divisors(per_rank) if (g // a) % k == 0 and g // a >= 2 * k]
+        raise ConfigError(
+            f"train.global_batch={g} with train.grad_accum={accum} gives a global micro batch of {global_micro} "
+            f"samples, which is not whole identities of data.num_instances={k} or fewer than 2 of them: the "
+            f"triplet loss needs >= 2 identities per micro step; "
+            + (f"use train.grad_accum in {{{_list(good)}}}" if good else
+               f"use train.global_batch >= {2 * k} and a multiple of {k}"))
     return micro, accum
+
+
+def _list(values) -> str:
+    return ", ".join(str(v) for v in values)
 
 
 def expert_hidden(moe: MoEConfig, width: int, ratio: float) -> int:

@@ -64,6 +64,17 @@ def test_batch_derivation_and_conflicts():
                              "train.grad_accum=2"])
     with pytest.raises(ConfigError, match=r"train.micro_batch=8 x train.grad_accum=2 x world 2 = 32"):
         derive_batch(cfg, 2)
-    cfg = load_config(None, ["train.global_batch=64", "data.num_instances=8", "train.grad_accum=4"])
-    with pytest.raises(ConfigError, match="not divisible by data.num_instances=8"):
-        derive_batch(cfg, 4)   # 64 / 4 / 4 = 4 per micro batch < K
+    # The paper's 8 x 8 on 16 ranks: 4 samples per rank (half an identity), 8 identities per global micro batch.
+    cfg = load_config(None, ["train.global_batch=64", "data.num_instances=8"])
+    assert derive_batch(cfg, 16) == (4, 1)
+    cfg = load_config(None, ["train.global_batch=64", "data.num_instances=16"])
+    assert derive_batch(cfg, 8) == (8, 1)        # RGBNT100's 4 x 16 on 8 ranks
+    cfg = load_config(None, ["train.global_batch=64", "data.num_instances=16", "train.grad_accum=4"])
+    with pytest.raises(ConfigError, match=r"global micro batch of 16 .*fewer than 2 .*train.grad_accum in \{1, 2\}"):
+        derive_batch(cfg, 2)   # 64 / 4 = 16 = one identity per micro step: no triplet
+    cfg = load_config(None, ["train.global_batch=48", "data.num_instances=16", "train.grad_accum=2"])
+    with pytest.raises(ConfigError, match=r"global micro batch of 24 .*not whole identities"):
+        derive_batch(cfg, 2)   # 3 identities of 16 split over 2 micro steps
+    cfg = load_config(None, ["train.global_batch=64", "data.num_instances=8"])
+    with pytest.raises(ConfigError, match=r"train.global_batch=64 is not divisible by .* world size 3"):
+        derive_batch(cfg, 3)

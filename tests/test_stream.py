@@ -1,5 +1,5 @@
-"""Streaming loaders: P x K batches, determinism and resume, aligned augmentation, rank x worker
-splitting, damaged shards, and distributed evaluation."""
+"""Streaming loaders: global P x K batches split over ranks and micro steps, determinism and resume, aligned
+augmentation, stream splitting, damaged shards, and distributed evaluation."""
 from __future__ import annotations
 
 import json
@@ -41,30 +41,47 @@ def _check_pk(batch, p, k, size=SIZE):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_every_batch_is_p_ids_by_k_and_every_rank_gets_the_same_count(person_shards, num_workers):
-    counts = []
+def test_every_global_batch_is_p_ids_by_k_and_every_rank_gets_the_same_count(person_shards, num_workers):
+    shares = []
     for rank in range(2):
-        loader = train_loader(person_shards, batch_size=8, num_instances=4, img_size=SIZE, num_workers=num_workers,
-                              rank=rank, world_size=2, batches_per_epoch=7)
-        batches = list(loader)
-        counts.append(len(batches))
-        for batch in batches:
-            _check_pk(batch, 2, 4)
-            assert batch["images"].abs().max() <= 1.0 + 5  # normalised (erasing noise may exceed 1)
-            assert 0 <= batch["labels"].min() and batch["labels"].max() < 8
-    assert counts == [7, 7]
-    # Default length: train samples // (batch x world).
-    assert len(train_loader(person_shards, batch_size=8, num_instances=4, img_size=SIZE, num_workers=0,
+        loader = train_loader(person_shards, global_batch=16, num_instances=4, img_size=SIZE,
+                              num_workers=num_workers, rank=rank, world_size=2, batches_per_epoch=7)
+        shares.append(list(loader))
+    assert [len(s) for s in shares] == [7, 7]
+    for half0, half1 in zip(*shares):
+        assert half0["images"].shape[0] == half1["images"].shape[0] == 8
+        batch = {k: torch.cat([half0[k], half1[k]]) for k in half0}
+        _check_pk(batch, 4, 4)
+        assert batch["images"].abs().max() <= 1.0 + 5  # normalised (erasing noise may exceed 1)
+        assert 0 <= batch["labels"].min() and batch["labels"].max() < 8
+    # Default length: train samples // global batch, whatever the world size.
+    assert len(train_loader(person_shards, global_batch=16, num_instances=4, img_size=SIZE, num_workers=0,
                             world_size=2)) == 96 // 16
 
 
+@pytest.mark.parametrize("world_size, accum, num_workers", [(2, 1, 2), (4, 1, 0), (2, 2, 1), (8, 1, 2)])
+def test_ranks_shares_concatenate_to_the_single_process_batch(person_shards, world_size, accum, num_workers):
+    """The global P x K draw does not depend on the world size: rank r holds slice r of every micro step
+    (also when a slice is half an identity), bit for bit the images one process would get."""
+    kwargs = dict(global_batch=16, num_instances=4, img_size=(64, 32), num_workers=num_workers, seed=5, epoch=1,
+                  batches_per_epoch=4)
+    single = list(train_loader(person_shards, **kwargs))
+    shares = [list(train_loader(person_shards, rank=r, world_size=world_size, accum=accum, **kwargs))
+              for r in range(world_size)]
+    micro = 16 // (accum * world_size)
+    for b, whole in enumerate(single):
+        for key in ("images", "labels", "camids"):
+            parts = [s[b][key].view(accum, micro, *s[b][key].shape[1:]) for s in shares]
+            rebuilt = torch.cat(parts, dim=1).flatten(0, 1)          # micro step major, then rank
+            assert torch.equal(rebuilt, whole[key]), (b, key)
 def test_resize_to_another_input_size(person_shards):
-    batch = next(iter(train_loader(person_shards, batch_size=6, num_instances=3, img_size=(128, 64), num_workers=0)))
+    batch = next(iter(train_loader(person_shards, global_batch=6, num_instances=3, img_size=(128, 64),
+                                   num_workers=0)))
     _check_pk(batch, 2, 3, (128, 64))
 
 
 def test_same_arguments_same_batches_and_resume_gives_the_tail(person_shards):
-    kwargs = dict(batch_size=8, num_instances=4, img_size=SIZE, num_workers=2, seed=3, epoch=1, batches_per_epoch=7)
+    kwargs = dict(global_batch=8, num_instances=4, img_size=SIZE, num_workers=2, seed=3, epoch=1, batches_per_epoch=7)
     full = list(train_loader(person_shards, **kwargs))
     again = list(train_loader(person_shards, **kwargs))
     in_process = list(TrainStream(person_shards, **kwargs))  # the order a 2-worker DataLoader gives
@@ -145,17 +162,15 @@ def _train_keys(person_shards):
 
 
 @pytest.mark.parametrize("maxcount, batch_size, mode", [(24, 8, "shard"), (48, 8, "label"), (48, 12, "sample")])
-def test_two_ranks_two_workers_read_disjoint_samples_covering_the_split(person_tree, tmp_path, maxcount, batch_size,
-                                                                       mode):
+def test_four_streams_read_disjoint_samples_covering_the_split(person_tree, tmp_path, maxcount, batch_size, mode):
     build("rgbnt201", person_tree[0], tmp_path, maxcount=maxcount)
     for pass_index in (0, 1):
         seen = []
-        for rank in range(2):
-            stream = TrainStream(tmp_path, batch_size=batch_size, num_instances=4, img_size=SIZE, num_workers=2,
-                                 rank=rank, world_size=2, seed=9)
-            assert stream.mode == mode
-            for worker in range(2):
-                seen.append({s.key for s in stream.iter_pass(rank * 2 + worker, pass_index) if hasattr(s, "key")})
+        stream = TrainStream(tmp_path, global_batch=batch_size, num_instances=4, img_size=SIZE, num_workers=4,
+                             seed=9)
+        assert stream.mode == mode
+        for logical in range(4):
+            seen.append({s.key for s in stream.iter_pass(logical, pass_index) if hasattr(s, "key")})
         assert all(seen), "every stream reads something"
         assert sum(len(s) for s in seen) == len(set().union(*seen)), "streams are disjoint"
         assert set().union(*seen) == _train_keys(tmp_path), "streams cover the split"
@@ -176,14 +191,21 @@ def test_truncated_shard_and_corrupt_member_do_not_stop_an_epoch(person_shards, 
     data = bytearray(broken.read_bytes())
     data[offset:offset + size] = b"\x00" * size  # tar stays valid, the image does not decode
     broken.write_bytes(bytes(data))
-    stream = TrainStream(damaged, batch_size=8, num_instances=4, img_size=SIZE, num_workers=0, batches_per_epoch=14)
+    kwargs = dict(global_batch=8, num_instances=4, img_size=(64, 32), num_workers=0, batches_per_epoch=14)
+    stream = TrainStream(damaged, **kwargs)
     with caplog.at_level(logging.WARNING, logger="mfrnet_ds.stream"):
         batches = list(stream)
     assert len(batches) == 14
     for batch in batches:
-        _check_pk(batch, 2, 4)
+        _check_pk(batch, 2, 4, (64, 32))
     assert stream.damage.count >= 2
     assert "train-000001.tar" in caplog.text and "train-000002.tar" in caplog.text
+    # Two ranks decode only their own halves, yet stay in step with the one-process draw: damage found by one
+    # rank never changes which identities later batches hold.
+    halves = [list(TrainStream(damaged, rank=r, world_size=2, **kwargs)) for r in range(2)]
+    for whole, h0, h1 in zip(batches, *halves):
+        assert torch.equal(torch.cat([h0["labels"], h1["labels"]]), whole["labels"])
+        assert torch.equal(torch.cat([h0["images"], h1["images"]]), whole["images"])
 
 
 @pytest.mark.parametrize("world_size, num_workers, batch_size", [(2, 2, 7), (3, 1, 16), (1, 0, 96)])
@@ -235,6 +257,8 @@ def test_manifest_errors_name_the_file_and_key(tmp_path, person_shards):
 
 def test_too_few_identities_for_a_batch_is_a_clear_error(person_shards):
     with pytest.raises(RuntimeError, match="identities"):
-        next(iter(train_loader(person_shards, batch_size=36, num_instances=4, img_size=SIZE, num_workers=0)))
+        next(iter(train_loader(person_shards, global_batch=36, num_instances=4, img_size=SIZE, num_workers=0)))
     with pytest.raises(ValueError, match="multiple of num_instances"):
-        train_loader(person_shards, batch_size=10, num_instances=4, img_size=SIZE)
+        train_loader(person_shards, global_batch=10, num_instances=4, img_size=SIZE)
+    with pytest.raises(ValueError, match="does not split evenly"):
+        train_loader(person_shards, global_batch=16, num_instances=4, img_size=SIZE, world_size=3)

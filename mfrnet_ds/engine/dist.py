@@ -1,4 +1,5 @@
-"""The only module that reads ranks and world sizes; builds the DeepSpeed engine.
+"""The only module that reads ranks and world sizes, and the home of the trainer's own collectives;
+builds the DeepSpeed engine.
 
 Works the same under `deepspeed` (it sets RANK/WORLD_SIZE/LOCAL_RANK and passes --local_rank), under
 SLURM or torchrun, and as a plain `python` process (then a one-rank group is made on loopback).
@@ -58,6 +59,42 @@ def init_distributed(local_rank: int | None = None, timeout_s: float = 600.0) ->
     else:
         device = torch.device(acc.device_name())
     return DistInfo(dist.get_rank(), dist.get_world_size(), lr, device)
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x`, concatenated in rank order: the global micro batch, on every rank.
+
+    The loader gives rank r the r-th contiguous slice of each global micro batch, so the result is exactly
+    the batch one process would hold. Differentiable: every rank computes the same global loss from the
+    gathered rows, so the gradient of our rows is the SUM of all ranks' gradients for them (all-reduce, then
+    our slice); DeepSpeed's averaging over the data-parallel ranks then divides by the world size and the
+    update is the single-process one.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    if x.requires_grad:
+        return _GatherRows.apply(x)
+    return _all_gather_rows(x)
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rows = x.shape[0]
+        return _all_gather_rows(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
 
 
 def _free_port() -> int:

@@ -29,6 +29,10 @@ from mfrnet_ds.tracking.finish import finalize_run
 log = logging.getLogger("mfrnet_ds.train")
 
 
+# How batches are drawn; saved in checkpoints so a resume can tell a run that drew them another way.
+SAMPLER = "global-pk-v1"
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -84,7 +88,7 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
     seed_everything(config.train.seed * 1000 + info.rank)
     # client state saved in every checkpoint; the config lets `mfrnet_ds.export` rebuild the model
     state = {"step": 0, "best_map": -1.0, "run_id": None, "config": config.to_dict(),
-             "layout": ckpt.layout(engine, info.world_size)}
+             "layout": ckpt.layout(engine, info.world_size), "sampler": SAMPLER}
     if resume:
         found = ckpt.read_pointer(ckpt_dir, "latest")
         if found is None:
@@ -95,6 +99,11 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
             seed_everything(config.train.seed * 1000 + info.rank + 7919 * state["step"])
         if info.is_main:
             log.info("resumed from %s at step %d", ckpt_dir / found, state["step"])
+            if client.get("sampler") != SAMPLER:
+                log.warning("%s was written by a trainer that drew a P x K batch per rank; the weights, optimizer "
+                            "and step are restored, and from here on every step draws one global P x K batch "
+                            "(mining and BNNeck over all ranks), so the data order differs from the run it "
+                            "continues", ckpt_dir / found)
 
     tracker = _start_tracking(config, info, manifest, ds_config, state.get("run_id"))
     if info.is_main:
@@ -145,37 +154,37 @@ def seed_everything(seed: int) -> None:
 
 
 def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype, tracker, ckpt_dir):
-    loader = train_loader(config.data.shards, batch_size=plan.micro, num_instances=config.data.num_instances,
-                          img_size=config.model.img_size, batches_per_epoch=plan.steps_per_epoch * plan.accum,
-                          num_workers=config.data.num_workers, seed=config.train.seed, epoch=epoch,
-                          rank=info.rank, world_size=info.world_size, start_batch=in_epoch * plan.accum,
-                          aligned=config.data.aligned_augment)
+    # Each item is this rank's share of one global P x K batch: its slice of every micro step (see stream/).
+    loader = train_loader(config.data.shards, global_batch=config.train.global_batch,
+                          num_instances=config.data.num_instances, img_size=config.model.img_size,
+                          batches_per_epoch=plan.steps_per_epoch, num_workers=config.data.num_workers,
+                          seed=config.train.seed, epoch=epoch, rank=info.rank, world_size=info.world_size,
+                          accum=plan.accum, start_batch=in_epoch, aligned=config.data.aligned_augment)
     with torch.random.fork_rng(devices=[]):   # starting the loader must not move the training RNG (resume)
         batches = iter(loader)
     bar = tqdm(total=plan.steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{config.train.epochs}",
                disable=not info.is_main, dynamic_ncols=True)
     engine.train()
     window = {"t0": time.perf_counter(), "samples": 0}
-    parts = None
-    for micro_index, batch in enumerate(batches):
-        images = batch["images"].to(info.device, dtype=dtype, non_blocking=True)
-        labels = batch["labels"].to(info.device)
-        out = engine(images, batch["camids"].to(info.device))
-        parts = compute_losses(out, labels, config.loss)
-        if not _all_finite(parts["loss"], info):
-            msg = f"non-finite loss at step {state['step'] + 1} (epoch {epoch + 1}): " + \
-                  ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-            if config.train.on_nan == "stop":
-                raise NonFiniteLoss(msg + "; set train.on_nan=skip to skip such batches")
-            if info.is_main:
-                log.warning("%s; batch skipped", msg)
-            continue
-        engine.backward(parts["loss"])
-        boundary = engine.is_gradient_accumulation_boundary()
-        engine.step()
-        window["samples"] += images.shape[0] * info.world_size
-        if not boundary:
-            continue
+    for batch in batches:
+        for micro in range(plan.accum):
+            rows = slice(micro * plan.micro, (micro + 1) * plan.micro)
+            images = batch["images"][rows].to(info.device, dtype=dtype, non_blocking=True)
+            parts = step_losses(engine, images, batch["camids"][rows].to(info.device),
+                                batch["labels"][rows].to(info.device), config.loss)
+            loss = parts["loss"]
+            if not _all_finite(loss, info):
+                msg = f"non-finite loss at step {state['step'] + 1} (epoch {epoch + 1}): " + \
+                      ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+                if config.train.on_nan == "stop":
+                    raise NonFiniteLoss(msg + "; set train.on_nan=skip to skip such batches")
+                if info.is_main:
+                    log.warning("%s; micro batch skipped", msg)
+                # A zero gradient for every parameter, so DeepSpeed's accumulation and reduction stay in step.
+                loss = sum(p.view(-1)[0] * 0 for p in engine.module.parameters() if p.requires_grad)
+            engine.backward(loss)
+            engine.step()
+            window["samples"] += images.shape[0] * info.world_size
         state["step"] += 1
         bar.update(1)
         if state["step"] % config.train.log_every == 0 or state["step"] == end:
@@ -185,6 +194,18 @@ def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype,
         if state["step"] % plan.steps_per_epoch == 0 or state["step"] == end:
             break
     bar.close()
+
+
+def step_losses(model, images: torch.Tensor, camids: torch.Tensor, labels: torch.Tensor, cfg) -> dict:
+    """Forward this rank's slice of a global micro batch -> the loss parts of the WHOLE global micro batch.
+
+    Mining and BNNeck see every rank's features (gathered; gradients flow back to the rank that made them),
+    so the losses, and with DeepSpeed's gradient averaging the update, do not depend on the number of
+    ranks. `model` is a DeepSpeed engine or a plain MFRNet."""
+    out = model(images, camids)
+    features = [D.gather_batch(f) for f in out.features]
+    logits = getattr(model, "module", model).classify(features)
+    return compute_losses(logits, features, D.gather_batch(labels), out.aux_loss, cfg)
 
 
 def _all_finite(loss: torch.Tensor, info) -> bool:

@@ -1,4 +1,9 @@
-"""Training losses: identity (label-smoothed CE), batch-hard soft-margin triplet, MoE aux. A dict of named parts."""
+"""Training losses: identity (label-smoothed CE), batch-hard soft-margin triplet, MoE aux. A dict of named parts.
+
+The identity and triplet losses take the whole global micro batch (gathered over the ranks by the loop), in
+fp32: batch-hard mining over one rank's slice would be a different, weaker loss that changes with the
+number of GPUs.
+"""
 from __future__ import annotations
 
 import torch
@@ -19,12 +24,13 @@ def batch_hard_triplet(feat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.softplus(hardest_pos[valid] - hardest_neg[valid]).mean()
 
 
-def compute_losses(out, labels: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """Sum over the model's features (one for the concat head, three for the per-modality head)."""
-    loss_id = sum(F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-                  for logits in out.logits)
-    loss_tri = sum(batch_hard_triplet(f, labels) for f in out.features)
+def compute_losses(logits: list[torch.Tensor], features: list[torch.Tensor], labels: torch.Tensor,
+                   aux_loss: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """Sum over the model's features (one for the concat head, three for the per-modality head);
+    `logits`, `features` and `labels` cover the same samples."""
+    loss_id = sum(F.cross_entropy(lg.float(), labels, label_smoothing=cfg.label_smoothing) for lg in logits)
+    loss_tri = sum(batch_hard_triplet(f, labels) for f in features)
     parts = {"loss_id": cfg.id_weight * loss_id, "loss_tri": cfg.triplet_weight * loss_tri,
-             "loss_aux": out.aux_loss.float()}
+             "loss_aux": aux_loss.float()}
     parts["loss"] = parts["loss_id"] + parts["loss_tri"] + parts["loss_aux"]
     return parts

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import QuickGELU
 from torch import nn
 
@@ -36,9 +37,15 @@ class BNNeck(nn.Module):
             nn.init.normal_(self.classifier.weight, std=0.001)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """feat (N, D) -> logits (N, classes), computed in fp32 whatever the parameters' storage dtype."""
         if self.classifier is None:
             raise RuntimeError("the model was built without model.num_classes: it has no classifier")
-        return self.classifier(self.bn(feat))
+        bn = self.bn
+        if bn.training:
+            bn.num_batches_tracked.add_(1)
+        x = F.batch_norm(feat.float(), bn.running_mean, bn.running_var, bn.weight.float(), bn.bias.float(),
+                         bn.training, bn.momentum, bn.eps)
+        return F.linear(x, self.classifier.weight.float())
 
 
 class TokenReduction(nn.Module):

@@ -3,6 +3,13 @@
 Shapes: B samples, M=3 modalities (rgb, nir, tir), T tokens (CLS + patches), D width, P projection.
 The three images of a sample share one backbone: they are stacked modality-major on the batch axis
 (3B, ...) and split again after.
+
+Precision, decided here for the whole model: the backbone, FFM and FRM run in the dtype of the parameters
+(fp32, or bf16/fp16 where DeepSpeed's mixed-precision engines cast them); routing runs in fp32 (moe.py, as
+DeepSpeed's own gate). The head features leave `forward` as fp32, and `classify` (BNNeck, classifier) and
+the losses after it compute in fp32 from fp32 views of their weights: batch statistics, the softmax over
+hundreds of identities and the triplet distances are where bf16's 8-bit mantissa costs accuracy, and they
+are a tiny share of the FLOPs. BN running statistics are fp32 buffers (DeepSpeed casts parameters only).
 """
 from __future__ import annotations
 
@@ -25,9 +32,8 @@ _LETTERS = "rnt"
 
 @dataclass
 class MFRNetOutput:
-    features: list[torch.Tensor]   # pre-BN features for the triplet loss: one (B, 3P) or three (B, P)
-    logits: list[torch.Tensor]     # one per feature (training mode only)
-    embedding: torch.Tensor        # (B, 3P) L2-normalised test embedding
+    features: list[torch.Tensor]   # fp32 pre-BN features for the triplet loss: one (B, 3P) or three (B, P)
+    embedding: torch.Tensor        # (B, 3P) L2-normalised test embedding (fp32)
     aux_loss: torch.Tensor         # sum over MoE layers of weight x load-balancing loss
 
 
@@ -70,10 +76,15 @@ class MFRNet(nn.Module):
         x = self.vit.norm_pre(x)
         x = self.vit.blocks(x)
         x = self.vit.norm(x)
-        features = self._head_features(x, B)
-        logits = [neck(f) for neck, f in zip(self.necks, features)] if self.training else []
+        features = [f.float() for f in self._head_features(x, B)]          # the precision boundary
         embedding = F.normalize(torch.cat(features, dim=1), dim=1)
-        return MFRNetOutput(features, logits, embedding, self._aux_loss(x))
+        return MFRNetOutput(features, embedding, self._aux_loss(x))
+
+    def classify(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """BNNeck + identity classifier per feature, in fp32 -> logits. In training mode BN normalises with the
+        statistics of the batch it is given: the trainer passes the whole global micro batch (gathered over
+        the ranks), so they do not depend on how the batch is split."""
+        return [neck(f) for neck, f in zip(self.necks, features)]
 
     def _head_features(self, x: torch.Tensor, B: int) -> list[torch.Tensor]:
         if self.reductions is None:

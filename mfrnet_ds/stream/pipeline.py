@@ -1,21 +1,33 @@
 """Streaming loaders over the shards: identity-balanced training batches and distributed evaluation.
 
-Training (`train_loader`). Each rank has `max(1, num_workers)` logical streams; there are
-S = world_size x streams per rank in all, numbered rank * streams + worker. In every pass over the
-data the train shards are shuffled by (seed, epoch, pass) and stream s reads shards s, s + S, ...
-When that cannot give every stream P identities (fewer shards than streams, or too few identities
+Training (`train_loader`). Every step draws ONE global batch of P identities x K instances
+(`train.global_batch`) from the whole training set, the same on every rank and for every world size;
+each rank then decodes and augments only its share. The global batch is cut into `accum` global micro
+batches (consecutive, whole identities), and each of those into `world_size` contiguous slices of
+m = global / (accum x world) samples: rank r gets samples [a G/accum + r m, a G/accum + (r+1) m) of
+micro step a. Contiguous slices in rank order make "all ranks' slices, concatenated" exactly the
+batch one process would see, so an all-gather rebuilds it without reordering, and they work for any
+even split, also when a slice holds part of an identity (P < world size): mining and BNNeck run on the
+gathered global micro batch, not on the slice.
+
+Sampling. There are S = max(1, num_workers) logical streams whatever the world size; global batch b
+comes from stream b mod S, and the DataLoader visits workers round robin, so physical worker w runs
+logical stream (w + start_batch) mod S and resuming at start_batch keeps the order. In every pass
+over the data the train shards are shuffled by (seed, epoch, pass) and stream s reads shards s, s + S,
+... When that cannot give every stream P identities (fewer shards than streams, or too few identities
 in the smallest shards), every stream reads every shard and keeps its share instead: identities
-(label mod S) when each share still holds P identities, else samples (position in shard mod S).
-A stream groups the consecutive samples of an identity (the builder stores identities whole), cuts
-each into chunks of K (an identity with fewer than K images is padded by repeats, as the reference's
+(label mod S) when each share still holds P identities, else samples (position in shard mod S). A
+stream groups the consecutive samples of an identity (the builder stores identities whole), cuts each
+into chunks of K (an identity with fewer than K images is padded by repeats, as the reference's
 RandomIdentitySampler does), and emits a batch once its pool holds 4 P identities (or, at the end of
-a pass, P): P distinct identities, one chunk each. The stream cycles through passes, so every rank
-yields exactly `batches_per_epoch` batches however its shards are sized. Global batch b of a rank
-comes from logical stream b mod streams; the DataLoader visits workers round robin, so physical
-worker w runs logical stream (w + start_batch) mod streams and resuming at start_batch keeps the
-order. Skipped batches are still read and decoded (damage found there must change nothing later)
-but not augmented. Each batch's augmentation is drawn from torch's generator seeded by
-(seed, epoch, rank, world_size, batch index), under `fork_rng` so the caller's RNG is untouched.
+a pass, P): P distinct identities, one chunk each. The stream cycles through passes, so it yields
+exactly `batches_per_epoch` batches however the shards are sized. Every rank reads every shard's
+records (cheap) to run the same draw; decoding and augmentation, the expensive part, happen only for
+its own slice. A sample that does not decode is replaced by another of the same chunk, else by
+another sample of the global batch (with that sample's label), so damage never changes the draw of
+later batches and every rank stays in step. Each sample's augmentation is drawn from torch's
+generator seeded by (seed, epoch, batch index, position in the global batch), under `fork_rng`, so it
+does not depend on which rank holds the sample and the caller's RNG is untouched.
 
 Evaluation (`eval_loader`). Positions 0..N-1 of the split (shard order, then stored order) are cut
 into `world_size` contiguous ranges; every rank yields ceil(ceil(N / world) / batch) full batches,
@@ -96,8 +108,8 @@ class _IdentityPool:
     def num_ids(self) -> int:
         return len(self.chunks)
 
-    def take(self, n: int, exclude=frozenset()) -> list[tuple[int, list[RawSample]]]:
-        labels = sorted(label for label in self.chunks if label not in exclude)
+    def take(self, n: int) -> list[tuple[int, list[RawSample]]]:
+        labels = sorted(self.chunks)
         picked = self.rng.choice(len(labels), size=min(n, len(labels)), replace=False)
         out = []
         for i in picked:
@@ -109,25 +121,31 @@ class _IdentityPool:
 
 
 class TrainStream(IterableDataset):
-    """Infinite identity-balanced stream cut to a fixed number of batches; see the module doc."""
+    """Infinite identity-balanced stream of global batches, cut to a fixed number per epoch; yields this
+    rank's share of each. See the module doc."""
 
-    def __init__(self, shards_dir, *, batch_size: int, num_instances: int, img_size, batches_per_epoch=None,
+    def __init__(self, shards_dir, *, global_batch: int, num_instances: int, img_size, batches_per_epoch=None,
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0, augment: bool = True, aligned: bool = True):
+                 accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True):
         super().__init__()
         self.dir = Path(shards_dir)
         manifest = read_manifest(self.dir)
         train = manifest["splits"]["train"]
         if train["num_samples"] == 0:
             raise ValueError(f"{self.dir}/manifest.json: the train split has no samples")
-        if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
-            raise ValueError(f"batch_size={batch_size} must be a positive multiple of num_instances={num_instances}")
+        if num_instances < 1 or global_batch < num_instances or global_batch % num_instances:
+            raise ValueError(f"global_batch={global_batch} must be a positive multiple of "
+                             f"num_instances={num_instances}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} outside 0..world_size-1 (world_size={world_size})")
-        self.k, self.p = num_instances, batch_size // num_instances
+        if accum < 1 or global_batch % (accum * world_size):
+            raise ValueError(f"global_batch={global_batch} does not split evenly into accum={accum} micro steps "
+                             f"x world_size={world_size} ranks")
+        self.k, self.p, self.global_batch = num_instances, global_batch // num_instances, global_batch
+        self.accum, self.micro = accum, global_batch // (accum * world_size)
         self.img_size = _check_size(img_size)
         self.num_batches = (batches_per_epoch if batches_per_epoch is not None
-                            else max(1, train["num_samples"] // (batch_size * world_size)))
+                            else max(1, train["num_samples"] // global_batch))
         if self.num_batches < 1:
             raise ValueError(f"batches_per_epoch={batches_per_epoch}: expected >= 1")
         if not 0 <= start_batch <= self.num_batches:
@@ -135,15 +153,18 @@ class TrainStream(IterableDataset):
         shards = [s for s in train["shards"] if s["num_samples"] > 0]
         self.shards = [s["name"] for s in shards]
         self.streams = max(1, num_workers)
-        self.total_streams = world_size * self.streams
-        self.mode = split_mode([s.get("num_ids", 0) for s in shards], manifest["num_classes"], self.total_streams,
-                               self.p)
+        self.mode = split_mode([s.get("num_ids", 0) for s in shards], manifest["num_classes"], self.streams, self.p)
         self.seed, self.epoch, self.rank, self.world, self.start = seed, epoch, rank, world_size, start_batch
         self.augment, self.aligned = augment, aligned
         self.damage = Damage()
 
     def __len__(self) -> int:
         return self.num_batches - self.start
+
+    def positions(self) -> list[int]:
+        """This rank's positions in a global batch: its slice of each micro step, in micro order."""
+        per_micro = self.global_batch // self.accum
+        return [a * per_micro + self.rank * self.micro + i for a in range(self.accum) for i in range(self.micro)]
 
     def __iter__(self):
         info = get_worker_info()
@@ -156,16 +177,19 @@ class TrainStream(IterableDataset):
     def _physical(self, worker: int) -> Iterator[dict]:
         logical = (worker + self.start) % self.streams
         transform = aug.TripletAugment(self.img_size, train=self.augment, aligned=self.aligned)
-        batches = self._stream_batches(self.rank * self.streams + logical)
+        batches = self._stream_batches(logical)
         for index in range(logical, self.num_batches, self.streams):
-            batch = next(batches)
+            while True:
+                share = self._share(next(batches)) if index >= self.start else next(batches)
+                if share is not None:
+                    break
             if index >= self.start:
-                yield self._collate(batch, index, transform)
+                yield self._collate(share, index, transform)
 
     def iter_pass(self, stream: int, pass_index: int) -> Iterator:
-        """The samples global `stream` reads in one pass, _SHARD_END after each shard."""
+        """The samples logical `stream` reads in one pass, _SHARD_END after each shard."""
         sources = stream_sources(self.shards, seed=self.seed, epoch=self.epoch, pass_index=pass_index,
-                                 stream=stream, num_streams=self.total_streams, shared=self.mode != "shard")
+                                 stream=stream, num_streams=self.streams, shared=self.mode != "shard")
         for name, part, parts in sources:
             for ordinal, sample in enumerate(iter_shard(self.dir / name, self.damage)):
                 share = sample.meta["label"] if self.mode == "label" else ordinal
@@ -178,8 +202,9 @@ class TrainStream(IterableDataset):
             yield from self.iter_pass(stream, pass_index)
             yield _PASS_END
 
-    def _stream_batches(self, stream: int) -> Iterator[list]:
-        rng = np.random.default_rng([self.seed, self.epoch, stream, self.total_streams, 11])
+    def _stream_batches(self, stream: int) -> Iterator[list[RawSample]]:
+        """Global batches of one logical stream: P x K samples, identity-major, not yet decoded."""
+        rng = np.random.default_rng([self.seed, self.epoch, stream, self.streams, 11])
         pool, group, label = _IdentityPool(self.k, rng), [], None
         threshold, emitted = POOL_FACTOR * self.p, 0
         for item in self._samples(stream):
@@ -188,10 +213,8 @@ class TrainStream(IterableDataset):
                     pool.add(label, group)
                     group = []
                     while pool.num_ids() >= threshold:
-                        batch = self._assemble(pool)
-                        if batch is not None:
-                            emitted += 1
-                            yield batch
+                        emitted += 1
+                        yield [s for _, chunk in pool.take(self.p) for s in chunk]
                 group.append(item)
                 label = item.meta["label"]
                 continue
@@ -199,61 +222,59 @@ class TrainStream(IterableDataset):
                 pool.add(label, group)
                 group = []
             while pool.num_ids() >= (threshold if item is _SHARD_END else self.p):
-                batch = self._assemble(pool)
-                if batch is not None:
-                    emitted += 1
-                    yield batch
+                emitted += 1
+                yield [s for _, chunk in pool.take(self.p) for s in chunk]
             if item is _PASS_END:
                 if emitted == 0:
                     raise RuntimeError(
-                        f"{self.dir}: rank {self.rank}, stream {stream} of {self.total_streams} holds only "
-                        f"{pool.num_ids()} identities after a whole pass, but a batch needs P = "
-                        f"batch_size / num_instances = {self.p}; use fewer workers or ranks, a smaller "
-                        "batch, or rebuild the shards with a smaller --maxcount")
+                        f"{self.dir}: loader stream {stream} of {self.streams} holds only {pool.num_ids()} "
+                        f"identities after a whole pass, but a batch needs P = global_batch / num_instances = "
+                        f"{self.p}; use fewer data.num_workers, a smaller batch, or rebuild the shards with a "
+                        "smaller --maxcount")
                 emitted = 0
 
-    def _assemble(self, pool: _IdentityPool) -> list | None:
-        """P (label, K decoded samples); undecodable samples are replaced by repeats of valid ones of
-        the same chunk, a chunk with none by another identity; None if no identity is left."""
-        queue = pool.take(self.p)
-        used = {label for label, _ in queue}
-        batch = []
-        while queue:
-            label, chunk = queue.pop(0)
-            decoded, cache = [], {}
-            for sample in chunk:
-                if sample.key not in cache:
-                    try:
-                        cache[sample.key] = decode(sample)
-                    except ValueError as exn:
-                        self.damage.note(str(exn))
-                        cache[sample.key] = None
-                if cache[sample.key] is not None:
-                    decoded.append((sample, cache[sample.key]))
-            if not decoded:
-                spare = pool.take(1, exclude=used)
-                if not spare:
-                    self.damage.note(f"batch dropped: no identity left to replace label {label}")
-                    return None
-                used.add(spare[0][0])
-                queue.append(spare[0])
-                continue
-            batch.append((label, [decoded[i % len(decoded)] for i in range(self.k)]))
-        return batch
+    def _share(self, batch: list[RawSample]) -> list[tuple[int, RawSample, list]] | None:
+        """(global position, sample, decoded images) for this rank's positions. A sample that does not decode
+        is replaced by the first that does among its chunk, then the rest of the batch; None when no
+        sample of the batch decodes (every rank finds that, so all skip it together)."""
+        cache: dict[str, list | None] = {}
 
-    def _collate(self, batch: list, index: int, transform: aug.TripletAugment) -> dict:
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, self.world, index]).generate_state(1)[0])
-        samples = [s for _, chunk in batch for s in chunk]
-        images = _empty_batch((len(samples), 3, 3, *self.img_size))  # (B, 3 modalities, 3, H, W)
+        def load(q: int):
+            sample = batch[q]
+            if sample.key not in cache:
+                try:
+                    cache[sample.key] = decode(sample)
+                except ValueError as exn:
+                    self.damage.note(str(exn))
+                    cache[sample.key] = None
+            return cache[sample.key]
+
+        share = []
+        for q in self.positions():
+            chunk = range(q - q % self.k, q - q % self.k + self.k)
+            candidates = itertools.chain([q], chunk, (c for c in range(len(batch)) if c not in chunk))
+            found = next((c for c in candidates if load(c) is not None), None)
+            if found is None:
+                self.damage.note(f"batch dropped: none of its {len(batch)} samples decodes")
+                return None
+            share.append((q, batch[found], load(found)))
+        return share
+
+    def _collate(self, share: list, index: int, transform: aug.TripletAugment) -> dict:
+        images = _empty_batch((len(share), 3, 3, *self.img_size))  # (B, 3 modalities, 3, H, W)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for slot, (_, decoded) in zip(images, samples):
+            for slot, (q, _, decoded) in zip(images, share):
+                torch.manual_seed(_sample_seed(self.seed, self.epoch, index, q))
                 transform(decoded, out=slot)
         return {
             "images": images,
-            "labels": torch.tensor([s.meta["label"] for s, _ in samples], dtype=torch.int64),
-            "camids": torch.tensor([s.meta["camid"] for s, _ in samples], dtype=torch.int64),
+            "labels": torch.tensor([s.meta["label"] for _, s, _ in share], dtype=torch.int64),
+            "camids": torch.tensor([s.meta["camid"] for _, s, _ in share], dtype=torch.int64),
         }
+
+
+def _sample_seed(seed: int, epoch: int, batch_index: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, batch_index, position]).generate_state(1)[0])
 
 
 class EvalStream(IterableDataset):
@@ -368,14 +389,16 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
                       prefetch_factor=2 if num_workers > 0 else None)
 
 
-def train_loader(shards_dir, *, batch_size: int, num_instances: int, img_size, batches_per_epoch=None,
+def train_loader(shards_dir, *, global_batch: int, num_instances: int, img_size, batches_per_epoch=None,
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0, augment: bool = True, aligned: bool = True) -> DataLoader:
-    """Batches {"images" (B,3,3,H,W) float32, "labels" (B,), "camids" (B,)} of P ids x K each;
+                 accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True) -> DataLoader:
+    """This rank's share of each global batch of P ids x K: {"images" (accum x m, 3, 3, H, W) float32,
+    "labels", "camids"}, its slice of every micro step in micro order (m = global / (accum x world));
     exactly batches_per_epoch - start_batch of them on every rank. See the module doc."""
-    dataset = TrainStream(shards_dir, batch_size=batch_size, num_instances=num_instances, img_size=img_size,
+    dataset = TrainStream(shards_dir, global_batch=global_batch, num_instances=num_instances, img_size=img_size,
                           batches_per_epoch=batches_per_epoch, num_workers=num_workers, seed=seed, epoch=epoch,
-                          rank=rank, world_size=world_size, start_batch=start_batch, augment=augment, aligned=aligned)
+                          rank=rank, world_size=world_size, accum=accum, start_batch=start_batch, augment=augment,
+                          aligned=aligned)
     return _loader(dataset, num_workers)
 
 

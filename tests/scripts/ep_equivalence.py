@@ -10,7 +10,7 @@ import torch
 
 from mfrnet_ds import build_model, load_config
 from mfrnet_ds.engine import dist as D
-from mfrnet_ds.engine.loss import compute_losses
+from mfrnet_ds.engine.loop import step_losses
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
 from mfrnet_ds.model.moe import shard_state_dict
 
@@ -48,8 +48,7 @@ diff = max((got - want).abs().max().item(), (got_missing - want_missing).abs().m
 engine.train()
 losses = []
 for step in range(10):
-    out = engine(images, camids)
-    parts = compute_losses(out, labels, cfg.loss)
+    parts = step_losses(engine, images, camids, labels, cfg.loss)
     engine.backward(parts["loss"])
     engine.step()
     losses.append(parts["loss"].item())

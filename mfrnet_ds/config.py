@@ -91,6 +91,7 @@ class OptimConfig:
     lr: float = 3.5e-4                      # new modules (MoE, weight heads, neck, classifier)
     backbone_lr: float = 5e-6               # pretrained CLIP tower
     weight_decay: float = 1e-4
+    eps: float = 1e-8                       # Adam's epsilon
     bias_lr_factor: float = 2.0
     warmup_epochs: int = 10
     warmup_factor: float = 0.1              # warm-up starts at this fraction of the lr

@@ -222,25 +222,31 @@ def _log_step(engine, parts, state, window, info, tracker, bar, out_dir: Path):
     stacked = torch.stack(list(values.values()))
     moe = engine.module.moe_stats()
     counts = [s["counts"].float() for s in moe.values()]
-    dropped = torch.stack([s["dropped"].float() for s in moe.values()]) if moe else torch.zeros(0)
+    # per layer: dropped fraction and balance loss (DeepSpeed's, from this rank's tokens), averaged over ranks
+    per_layer = torch.stack([torch.stack([s["dropped"].float(), s["balance"]]) for s in moe.values()]) \
+        if moe else torch.zeros(0, 2)
     if info.world_size > 1:   # average over ranks; expert counts summed (each rank routes its own tokens)
         dist.all_reduce(stacked)
         stacked /= info.world_size
         for c in counts:
             dist.all_reduce(c)
-        dist.all_reduce(dropped)
-        dropped /= info.world_size
+        dist.all_reduce(per_layer)
+        per_layer /= info.world_size
     if not info.is_main:
         window.update(t0=time.perf_counter(), samples=0)
         return
     metrics = dict(zip(values, stacked.tolist()))
     metrics["lr"] = engine.get_lr()[0]
+    grad_norm = engine.get_global_grad_norm()   # DeepSpeed computes it where it clips (train.grad_clip > 0)
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
     metrics["samples_per_s"] = window["samples"] / max(elapsed, 1e-9)
     loads = []
-    for (name, _), c, d in zip(moe.items(), counts, dropped.tolist()):
+    for (name, _), c, (d, balance) in zip(moe.items(), counts, per_layer.tolist()):
         share = (c / c.sum().clamp_min(1)).tolist()
         metrics.update({f"expert_load/{name}/{e}": s for e, s in enumerate(share)})
         metrics[f"dropped/{name}"] = d
+        metrics[f"balance/{name}"] = balance
         loads.append(f"{name}[{' '.join(f'{s:.2f}' for s in share)}] drop {d:.2f}")
     tracker.log_metrics(metrics, state["step"])
     with open(out_dir / "train_log.jsonl", "a") as f:   # plain-text record next to the tracker's

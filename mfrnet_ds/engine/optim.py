@@ -54,7 +54,7 @@ def split_expert_groups(groups: list[dict]) -> list[dict]:
 def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     # Adam with L2 weight decay as in the reference; the fused kernel where the device has one.
     fused = device.type == "cuda"
-    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:

@@ -98,8 +98,10 @@ class MFRNet(nn.Module):
         return torch.stack(losses).sum() if losses else like.new_zeros(())
 
     def moe_stats(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per MoE layer, from the last forward on this rank: tokens per expert and dropped fraction."""
-        return {m.name: {"counts": m.expert_counts, "dropped": m.dropped_fraction} for m in self.moe_layers}
+        """Per MoE layer, from the last forward on this rank: tokens per expert, dropped fraction and the
+        unweighted load-balancing loss."""
+        return {m.name: {"counts": m.expert_counts, "dropped": m.dropped_fraction, "balance": m.balance_loss}
+                for m in self.moe_layers}
 
     def param_groups_by_role(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters split into the pretrained backbone and the modules MFRNet adds (different lrs)."""

@@ -121,8 +121,10 @@ def _deepspeed_noise(cfg: MoEConfig) -> str | None:
 class SparseMoE(nn.Module):
     """A DeepSpeed MoE layer that returns a tensor and keeps what its last forward measured.
 
-    After each forward: `aux_loss` (the layer's load-balancing loss x its weight), `expert_counts`
-    (tokens routed to each expert on this rank, before capacity), `dropped_fraction` (routes over capacity).
+    After each forward: `aux_loss` (the layer's load-balancing loss x its weight), `balance_loss` (the same,
+    unweighted and detached, for logging), `expert_counts` (tokens routed to each expert on this rank, before
+    capacity), `dropped_fraction` (routes over capacity). DeepSpeed's gate computes the balance loss from this
+    rank's tokens only.
     """
 
     def __init__(self, dim: int, expert: nn.Module, cfg: MoEConfig, name: str):
@@ -138,6 +140,7 @@ class SparseMoE(nn.Module):
         # DeepSpeed's MoE takes no gate argument: swap the gate it built, keeping its dispatch and all-to-all.
         self.moe.deepspeed_moe.gate = ROUTERS[cfg.router](dim, cfg)
         self.aux_loss: torch.Tensor | None = None
+        self.balance_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
         self.dropped_fraction: torch.Tensor | None = None
 
@@ -152,6 +155,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, l_aux, counts = self.moe(x)
         self.aux_loss = l_aux * self.aux_weight
+        self.balance_loss = l_aux.detach().float()
         self.expert_counts = counts
         self.dropped_fraction = self.router.dropped_fraction
         return out

@@ -2,6 +2,7 @@
 # The embedded demo (README command 1): synthetic RGBNT201-layout data -> WebDataset shards -> MFRNet trained
 # with DeepSpeed on this machine's devices -> evaluated before and after -> tracked in a local MLflow store.
 # Runs from the repository root with the project's python and deepspeed on PATH (`make demo` does that).
+# DEMO_OUT (default demo_out), DEMO_NPROC and DEMO_DS override the output folder, process count and DeepSpeed JSON.
 set -euo pipefail
 OUT=${DEMO_OUT:-demo_out}
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
@@ -10,6 +11,8 @@ if [ "$NGPU" -ge 1 ]; then
 else
   NPROC=2; DS=ds_configs/cpu.json          # two CPU processes (gloo), as two GPUs would be
 fi
+NPROC=${DEMO_NPROC:-$NPROC}                 # e.g. DEMO_NPROC=1: the same training in one process
+DS=${DEMO_DS:-$DS}                          # e.g. DEMO_DS=ds_configs/bf16.json on a CPU
 EP=2; if [ $((NPROC % 2)) -ne 0 ]; then EP=1; fi   # FRM experts split over 2 ranks where the world allows
 
 rm -rf "$OUT"
@@ -22,7 +25,7 @@ PORT=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); pr
 # DeepSpeed's CPU all-reduce leaves two shared-memory segments per run; remove ours when done
 trap 'rm -f /dev/shm/deepspeed_allreduce_buffer_$(id -u)_127.0.0.1_${PORT}_*' EXIT
 deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config configs/demo.yaml --deepspeed_config "$DS" \
-  model.frm.ep_size="$EP" data.shards="$OUT/shards" train.out_dir="$OUT/run" tracking.uri="sqlite:///$PWD/$OUT/mlflow.db"
+  model.frm.ep_size="$EP" data.shards="$OUT/shards" train.out_dir="$OUT/run" tracking.uri="sqlite:///$(realpath -m "$OUT")/mlflow.db"
 echo "== 4/4 results"
 python - "$OUT" <<'PY'
 import json, sys, pathlib

@@ -40,9 +40,9 @@ def shards(tmp_path_factory):
     return out
 
 
-def _train(yaml: str, shards: Path, out: Path, *extra: str, nprocs: int = 2):
+def _train(yaml: str, shards: Path, out: Path, *extra: str, ds: list[str] = (), nprocs: int = 2):
     size = "[64,32]" if LAYOUT[yaml] == "rgbnt201" else "[32,64]"
-    run_deepspeed(TRAIN, ["--config", str(ROOT / "configs" / yaml), f"data.shards={shards}",
+    run_deepspeed(TRAIN, ["--config", str(ROOT / "configs" / yaml), *ds, f"data.shards={shards}",
                           f"train.out_dir={out}", f"model.img_size={size}", *SHORT, *extra], nprocs=nprocs)
     log = read_train_log(out)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -58,8 +58,8 @@ def test_every_deepspeed_config_trains_and_evaluates(ds_file, shards, tmp_path):
     if _cpu_refuses(ds_file):
         pytest.skip(f"ds_configs/{ds_file} is fp16, which DeepSpeed's CPU accelerator does not support; "
                     "bench/gpu_check.sh runs it on a GPU")
-    _train("demo.yaml", shards["rgbnt201"], tmp_path / "run", "--deepspeed_config", str(ROOT / "ds_configs" / ds_file),
-           "train.global_batch=16", "data.num_instances=4")
+    _train("demo.yaml", shards["rgbnt201"], tmp_path / "run", "train.global_batch=16", "data.num_instances=4",
+           ds=["--deepspeed_config", str(ROOT / "ds_configs" / ds_file)])
 
 
 @pytest.mark.slow

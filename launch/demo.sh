@@ -32,9 +32,15 @@ import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 before = json.loads((out / "run/metrics_untrained.json").read_text())
 after = json.loads((out / "run/metrics.json").read_text())
-print(f"{'':<12}{'mAP':>8}{'R1':>8}{'R5':>8}{'R10':>8}")
+pixel = {k: after[f"pixel_{k}"] for k in ("mAP", "R1", "R5", "R10")}
+print(f"{'':<16}{'mAP':>8}{'R1':>8}{'R5':>8}{'R10':>8}")
+for name, m in (("untrained", before), ("pixel matching", pixel), ("trained", after)):
+    print(f"{name:<16}" + "".join(f"{m[k]:>8.2f}" for k in ("mAP", "R1", "R5", "R10")))
+print(f"trained / pixel matching mAP: {after['mAP'] / max(pixel['mAP'], 1e-9):.1f}x")
 for name, m in (("untrained", before), ("trained", after)):
-    print(f"{name:<12}" + "".join(f"{m[k]:>8.2f}" for k in ("mAP", "R1", "R5", "R10")))
+    print(f"{name} embedding: mean pairwise cosine {m['mean_cosine']:.3f}, effective rank "
+          f"{m['effective_rank']:.1f} of {m['embedding_dim']:.0f}, nearest gallery neighbour from the query's "
+          f"camera {100 * m['same_camera_nn']:.0f}%")
 print(f"\ncheckpoints: {out / 'run/checkpoints'} (latest, best)")
 print(f"MLflow store: sqlite:///{(out / 'mlflow.db').resolve()}")
 print(f"  mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()} --host 127.0.0.1 --port 5000")

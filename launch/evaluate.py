@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     from mfrnet_ds.engine import ckpt
     from mfrnet_ds.engine import dist as D
     from mfrnet_ds.eval.embed import evaluate_settings, extract, format_table
+    from mfrnet_ds.eval.health import collapse_warning
+    from mfrnet_ds.eval.pixel import pixel_baseline
     from mfrnet_ds.model import MISSING_SETTINGS, build_model
     from mfrnet_ds.stream.pipeline import read_manifest
 
@@ -69,7 +71,12 @@ def main(argv=None) -> int:
             torch.save(query, args.save_embeddings)
     if info.is_main:
         print(f"{manifest['dataset']} | checkpoint {ckpt_dir / tag} | step {client.get('step')}")
-        print(format_table(results))
+        pixel = pixel_baseline(args.shards, manifest, config.model.img_size, batch_size=args.batch,
+                               num_workers=config.data.num_workers)
+        print(format_table(results, pixel))
+        warning = collapse_warning(results[settings[0]]) if settings[0] == "" else None
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)

@@ -42,6 +42,12 @@ def test_loss_falls_and_map_rises(shards, tmp_path):
     before = json.loads((out / "metrics_untrained.json").read_text())
     after = json.loads((out / "metrics.json").read_text())
     assert after["mAP"] > before["mAP"] + 1.0, (before, after)
+    # every evaluation carries the pixel-matching baseline and the embedding's health, also in the log
+    evals = [json.loads(line) for line in (out / "eval_log.jsonl").read_text().splitlines()]
+    for record in (after, *evals):
+        assert {"pixel_mAP", "pixel_R1", "mean_cosine", "effective_rank", "same_camera_nn"} <= set(record)
+        assert 1.0 <= record["effective_rank"] <= record["embedding_dim"] and -1 <= record["mean_cosine"] <= 1
+    assert len({r["pixel_mAP"] for r in evals}) == 1          # computed once, the same at every evaluation
     # checkpoint: both ranks wrote their experts (4 FRM experts, 2 per rank), latest and best are complete
     ckpts = out / "checkpoints"
     tag = (ckpts / "latest").read_text().strip()

@@ -21,6 +21,8 @@ from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.loss import compute_losses
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
 from mfrnet_ds.eval.embed import evaluate_settings, format_table
+from mfrnet_ds.eval.health import collapse_warning
+from mfrnet_ds.eval.pixel import pixel_baseline
 from mfrnet_ds.model import MISSING_SETTINGS, build_model
 from mfrnet_ds.stream.pipeline import read_manifest, train_loader
 from mfrnet_ds.tracking import NullTracker, tracker_for_rank
@@ -266,10 +268,17 @@ def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
         for missing, r in results.items():
             suffix = f"_missing_{missing}" if missing else ""
             metrics.update({f"{k}{suffix}": v for k, v in r.items()})
+        # the trivial baseline beside every evaluation (cached per shard set: computed once)
+        pixel = pixel_baseline(config.data.shards, manifest, config.model.img_size,
+                               batch_size=config.data.eval_batch, num_workers=config.data.num_workers)
+        metrics.update({f"pixel_{k}": v for k, v in pixel.items()})
         tracker.log_metrics(metrics, state["step"])
         with open(Path(config.train.out_dir) / "eval_log.jsonl", "a") as f:
             f.write(json.dumps({"step": state["step"], "time": time.time(), **metrics}) + "\n")
-        log.info("evaluation at step %d:\n%s", state["step"], format_table(results))
+        log.info("evaluation at step %d:\n%s", state["step"], format_table(results, pixel))
+        warning = collapse_warning(results[""])
+        if warning and state["step"] > 0:
+            log.warning("step %d: %s", state["step"], warning)
     best = torch.tensor([metrics.get("mAP", -1.0) if info.is_main else 0.0], device=info.device)  # NCCL: on device
     if info.world_size > 1:
         dist.broadcast(best, src=0)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from mfrnet_ds.eval.health import embedding_health
 from mfrnet_ds.eval.metrics import evaluate_rank
 from mfrnet_ds.stream.pipeline import eval_loader
 
@@ -73,16 +74,22 @@ def score(query: dict, gallery: dict, dataset: str) -> dict[str, float]:
 def evaluate(model, shards: str, manifest: dict, *, img_size, batch_size: int, rank: int, world_size: int,
              device, missing: str = "", num_workers: int = 1, progress: bool = False,
              dtype: torch.dtype = torch.float32) -> dict[str, float] | None:
-    """Embed query and gallery (once if they are the same shards) and score them; rank 0 gets the numbers."""
+    """Embed query and gallery (once if they are the same shards) and score them; rank 0 gets the numbers:
+    mAP, R1, R5, R10 and the embedding's health (eval/health.py)."""
     kw = dict(img_size=img_size, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
               missing=missing, num_workers=num_workers, progress=progress, dtype=dtype)
-    splits = manifest["splits"]
+    same = same_shards(manifest)
     query = extract(model, shards, "query", **kw)
-    same = [s["name"] for s in splits["query"]["shards"]] == [s["name"] for s in splits["gallery"]["shards"]]
     gallery = query if same else extract(model, shards, "gallery", **kw)
     if rank != 0:
         return None
-    return score(query, gallery, manifest["dataset"])
+    return {**score(query, gallery, manifest["dataset"]), **embedding_health(query, gallery, same)}
+
+
+def same_shards(manifest: dict) -> bool:
+    """Query and gallery are the same shards (RGBNT201 lists its test set for both)."""
+    splits = manifest["splits"]
+    return [s["name"] for s in splits["query"]["shards"]] == [s["name"] for s in splits["gallery"]["shards"]]
 
 
 def evaluate_settings(model, shards: str, manifest: dict, settings: list[str], **kw) -> dict[str, dict] | None:
@@ -91,14 +98,23 @@ def evaluate_settings(model, shards: str, manifest: dict, settings: list[str], *
     return results if kw["rank"] == 0 else None
 
 
-def format_table(results: dict[str, dict]) -> str:
+def format_table(results: dict[str, dict], pixel: dict | None = None) -> str:
+    """The results as a text table; `pixel` (raw-pixel matching, eval/pixel.py) adds its row first, and the
+    full-modality row's embedding health follows the table."""
     names = {"": "all modalities", "r": "M(RGB)", "n": "M(NIR)", "t": "M(TIR)", "rn": "M(RGB+NIR)",
              "rt": "M(RGB+TIR)", "nt": "M(NIR+TIR)"}
     lines = [f"{'setting':<16}{'mAP':>8}{'R1':>8}{'R5':>8}{'R10':>8}"]
+    if pixel is not None:
+        lines.append(f"{'pixel baseline':<16}" + "".join(f"{pixel[k]:>8.2f}" for k in ("mAP", "R1", "R5", "R10")))
     for m, r in results.items():
         lines.append(f"{names.get(m, m):<16}" + "".join(f"{r[k]:>8.2f}" for k in ("mAP", "R1", "R5", "R10")))
     missing = [r for m, r in results.items() if m]
     if len(missing) > 1:
         lines.append(f"{'missing avg':<16}" + "".join(
             f"{sum(r[k] for r in missing) / len(missing):>8.2f}" for k in ("mAP", "R1", "R5", "R10")))
+    full = results.get("")
+    if full and "mean_cosine" in full:
+        lines.append(f"embedding: mean pairwise cosine {full['mean_cosine']:.3f}, effective rank "
+                     f"{full['effective_rank']:.1f} of {full['embedding_dim']:.0f}, nearest gallery neighbour from "
+                     f"the query's camera {100 * full['same_camera_nn']:.0f}%")
     return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Raw-pixel matching: the trivial baseline a trained model must beat, on the same splits and protocol.
+
+Each sample becomes one vector, its three modalities resized (as evaluation resizes them) to 1/8 of the model's
+input size and flattened (3 x 3 x 32 x 16 = 4,608 values at 256x128), L2-normalised and scored exactly like a
+model embedding. Computed once per shard set and size and cached in the shard folder
+(`pixel_baseline_<H>x<W>.json`; where that folder is read-only it is recomputed per run).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mfrnet_ds.stream.pipeline import eval_loader
+
+log = logging.getLogger("mfrnet_ds.eval")
+
+
+def pixel_size(img_size) -> tuple[int, int]:
+    return max(1, int(img_size[0]) // 8), max(1, int(img_size[1]) // 8)
+
+
+def pixel_baseline(shards: str | Path, manifest: dict, img_size, *, batch_size: int = 64,
+                   num_workers: int = 1) -> dict[str, float]:
+    """mAP / R1 / R5 / R10 (percent) of raw-pixel matching; one process, no model."""
+    from mfrnet_ds.eval.embed import same_shards, score
+
+    size = pixel_size(img_size)
+    cache = Path(shards) / f"pixel_baseline_{size[0]}x{size[1]}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    splits = {}
+    for split in ("query",) if same_shards(manifest) else ("query", "gallery"):
+        parts = {k: [] for k in ("embedding", "pids", "camids", "sceneids", "index", "valid")}
+        for b in eval_loader(shards, split, batch_size=batch_size, img_size=size, num_workers=num_workers):
+            parts["embedding"].append(F.normalize(b["images"].flatten(1), dim=1))
+            for k in ("pids", "camids", "sceneids", "index", "valid"):
+                parts[k].append(b[k])
+        data = {k: torch.cat(v) for k, v in parts.items()}
+        keep = data.pop("valid")
+        splits[split] = {k: v[keep] for k, v in data.items()}
+    result = score(splits["query"], splits.get("gallery", splits["query"]), manifest["dataset"])
+    try:
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(cache)
+    except OSError as e:
+        log.info("pixel baseline not cached (%s): it is recomputed next time", e)
+    return result

@@ -146,6 +146,9 @@ def test_summary_table_for_base(capsys):
     expert = 768 * 512 + 512 + 512 * 768 + 768
     assert frm_total - frm_active == 5 * expert          # top-1 of 6: five experts idle per token
     assert "GFLOPs per triplet" in out
+    flops_line = next(line for line in out.splitlines() if line.startswith("GFLOPs per triplet"))
+    torch_count, fvcore = (float(w.rstrip("):")) for w in flops_line.split() if w[0].isdigit() and "." in w)
+    assert fvcore == pytest.approx(torch_count / 2, abs=0.01)
 
 
 def test_eval_embedding_does_not_depend_on_batch_mates():

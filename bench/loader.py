@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         makers = {
             "folder-pil": lambda w: folder_loader(root, False, args.batch, args.instances, n, w),
             "folder-tensor": lambda w: folder_loader(root, True, args.batch, args.instances, n, w),
-            "stream": lambda w: train_loader(shards, batch_size=args.batch, num_instances=args.instances, img_size=SIZE,
+            "stream": lambda w: train_loader(shards, global_batch=args.batch, num_instances=args.instances, img_size=SIZE,
                                              batches_per_epoch=n, num_workers=w),
         }
         rows = []

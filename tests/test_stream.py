@@ -262,3 +262,19 @@ def test_too_few_identities_for_a_batch_is_a_clear_error(person_shards):
         train_loader(person_shards, global_batch=10, num_instances=4, img_size=SIZE)
     with pytest.raises(ValueError, match="does not split evenly"):
         train_loader(person_shards, global_batch=16, num_instances=4, img_size=SIZE, world_size=3)
+
+
+def test_shards_where_nothing_decodes_fail_clearly_instead_of_looping(person_shards, tmp_path):
+    damaged = tmp_path / "shards"
+    shutil.copytree(person_shards, damaged)
+    for shard in read_manifest(damaged)["splits"]["train"]["shards"]:
+        path = damaged / shard["name"]
+        data = bytearray(path.read_bytes())
+        for suffix in (".rgb.jpg", ".nir.jpg", ".tir.jpg"):
+            for offset, size in _member_offsets(path, suffix):
+                data[offset:offset + size] = b"\x00" * size   # tar stays valid, no image decodes
+        path.write_bytes(bytes(data))
+    stream = TrainStream(damaged, global_batch=8, num_instances=4, img_size=(64, 32), num_workers=0,
+                         batches_per_epoch=2)
+    with pytest.raises(RuntimeError, match="no sample that decodes"):
+        next(iter(stream))

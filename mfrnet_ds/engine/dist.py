@@ -91,7 +91,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()   # reduced in place: never the tensor autograd handed us
         dist.all_reduce(grad)
         start = dist.get_rank() * ctx.rows
         return grad[start:start + ctx.rows]

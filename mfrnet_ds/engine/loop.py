@@ -169,6 +169,7 @@ def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype,
     engine.train()
     window = {"t0": time.perf_counter(), "samples": 0}
     for batch in batches:
+        skip_update = False
         for micro in range(plan.accum):
             rows = slice(micro * plan.micro, (micro + 1) * plan.micro)
             images = batch["images"][rows].to(info.device, dtype=dtype, non_blocking=True)
@@ -181,10 +182,14 @@ def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype,
                 if config.train.on_nan == "stop":
                     raise NonFiniteLoss(msg + "; set train.on_nan=skip to skip such batches")
                 if info.is_main:
-                    log.warning("%s; micro batch skipped", msg)
-                # A zero gradient for every parameter, so DeepSpeed's accumulation and reduction stay in step.
+                    log.warning("%s; this step's update is skipped", msg)
+                # Backward and step still run on every rank, so DeepSpeed's accumulation and gradient reduction
+                # stay in step: a zero loss over every parameter now, and a zero learning rate at the boundary.
                 loss = sum(p.view(-1)[0] * 0 for p in engine.module.parameters() if p.requires_grad)
+                skip_update = True
             engine.backward(loss)
+            if skip_update and micro == plan.accum - 1:
+                _zero_lr(engine)   # the scheduler sets the next step's lrs again inside engine.step()
             engine.step()
             window["samples"] += images.shape[0] * info.world_size
         state["step"] += 1
@@ -208,6 +213,11 @@ def step_losses(model, images: torch.Tensor, camids: torch.Tensor, labels: torch
     features = [D.gather_batch(f) for f in out.features]
     logits = getattr(model, "module", model).classify(features)
     return compute_losses(logits, features, D.gather_batch(labels), out.aux_loss, cfg)
+
+
+def _zero_lr(engine) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
 
 
 def _all_finite(loss: torch.Tensor, info) -> bool:

@@ -52,6 +52,7 @@ __all__ = ["train_loader", "eval_loader", "read_manifest", "stream_sources", "sp
 
 _SHARD_END, _PASS_END = object(), object()
 POOL_FACTOR = 4  # a stream emits when its pool holds POOL_FACTOR x P identities: batches mix shards
+MAX_DROPPED = 100  # consecutive undecodable batches after which the shards are called damaged, not unlucky
 
 
 def stream_sources(shards: list[str], *, seed: int, epoch: int, pass_index: int, stream: int,
@@ -179,12 +180,27 @@ class TrainStream(IterableDataset):
         transform = aug.TripletAugment(self.img_size, train=self.augment, aligned=self.aligned)
         batches = self._stream_batches(logical)
         for index in range(logical, self.num_batches, self.streams):
-            while True:
-                share = self._share(next(batches)) if index >= self.start else next(batches)
+            for dropped in itertools.count():
+                batch = next(batches)
+                # A batch before start_batch is not decoded, but whether ANY of its samples decodes decides
+                # whether the run being resumed dropped it, which moves every later batch of this stream.
+                share = self._share(batch) if index >= self.start else (batch if self._any_decodes(batch) else None)
                 if share is not None:
                     break
+                if dropped >= MAX_DROPPED:
+                    raise RuntimeError(f"{self.dir}: {MAX_DROPPED + 1} batches in a row hold no sample that "
+                                       "decodes; the train shards are damaged (rebuild them with shards/build.py)")
             if index >= self.start:
                 yield self._collate(share, index, transform)
+
+    def _any_decodes(self, batch: list[RawSample]) -> bool:
+        for sample in batch:
+            try:
+                decode(sample)
+                return True
+            except ValueError as exn:
+                self.damage.note(str(exn))
+        return False
 
     def iter_pass(self, stream: int, pass_index: int) -> Iterator:
         """The samples logical `stream` reads in one pass, _SHARD_END after each shard."""

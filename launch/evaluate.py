@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         pixel = pixel_baseline(args.shards, manifest, config.model.img_size, batch_size=args.batch,
                                num_workers=config.data.num_workers)
         print(format_table(results, pixel))
-        warning = collapse_warning(results[settings[0]]) if settings[0] == "" else None
+        warning = collapse_warning(results[""]) if "" in results else None
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         if args.json:

@@ -278,11 +278,9 @@ def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
         for missing, r in results.items():
             suffix = f"_missing_{missing}" if missing else ""
             metrics.update({f"{k}{suffix}": v for k, v in r.items()})
-        # the trivial baseline beside every evaluation (cached per shard set: computed once); its DataLoader
-        # draws a seed, which must not move rank 0's training RNG
-        with torch.random.fork_rng(devices=[]):
-            pixel = pixel_baseline(config.data.shards, manifest, config.model.img_size,
-                                   batch_size=config.data.eval_batch, num_workers=config.data.num_workers)
+        # the trivial baseline beside every evaluation (cached per shard set: computed once)
+        pixel = pixel_baseline(config.data.shards, manifest, config.model.img_size,
+                               batch_size=config.data.eval_batch, num_workers=config.data.num_workers)
         metrics.update({f"pixel_{k}": v for k, v in pixel.items()})
         tracker.log_metrics(metrics, state["step"])
         with open(Path(config.train.out_dir) / "eval_log.jsonl", "a") as f:

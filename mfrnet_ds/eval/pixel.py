@@ -10,14 +10,24 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from mfrnet_ds.stream.pipeline import eval_loader
+from mfrnet_ds.eval.embed import extract, same_shards, score
 
 log = logging.getLogger("mfrnet_ds.eval")
 _COMPUTED: dict[tuple[str, tuple[int, int]], dict[str, float]] = {}
+
+
+class PixelEmbedding(nn.Module):
+    """A "model" whose embedding is the sample's images, flattened and L2-normalised: scored by the same
+    extraction and protocol as MFRNet."""
+
+    def forward(self, images: torch.Tensor, camids: torch.Tensor, missing: str = "") -> SimpleNamespace:
+        return SimpleNamespace(embedding=F.normalize(images.flatten(1), dim=1))
 
 
 def pixel_size(img_size) -> tuple[int, int]:
@@ -27,8 +37,6 @@ def pixel_size(img_size) -> tuple[int, int]:
 def pixel_baseline(shards: str | Path, manifest: dict, img_size, *, batch_size: int = 64,
                    num_workers: int = 1) -> dict[str, float]:
     """mAP / R1 / R5 / R10 (percent) of raw-pixel matching; one process, no model."""
-    from mfrnet_ds.eval.embed import same_shards, score
-
     size = pixel_size(img_size)
     cache = Path(shards) / f"pixel_baseline_{size[0]}x{size[1]}.json"
     try:
@@ -38,17 +46,11 @@ def pixel_baseline(shards: str | Path, manifest: dict, img_size, *, batch_size: 
     key = (str(Path(shards).resolve()), size)
     if key in _COMPUTED:          # a read-only shard folder: computed once per process, not per evaluation
         return _COMPUTED[key]
-    splits = {}
-    for split in ("query",) if same_shards(manifest) else ("query", "gallery"):
-        parts = {k: [] for k in ("embedding", "pids", "camids", "sceneids", "index", "valid")}
-        for b in eval_loader(shards, split, batch_size=batch_size, img_size=size, num_workers=num_workers):
-            parts["embedding"].append(F.normalize(b["images"].flatten(1), dim=1))
-            for k in ("pids", "camids", "sceneids", "index", "valid"):
-                parts[k].append(b[k])
-        data = {k: torch.cat(v) for k, v in parts.items()}
-        keep = data.pop("valid")
-        splits[split] = {k: v[keep] for k, v in data.items()}
-    result = score(splits["query"], splits.get("gallery", splits["query"]), manifest["dataset"])
+    kw = dict(img_size=size, batch_size=batch_size, rank=0, world_size=1, device=torch.device("cpu"),
+              num_workers=num_workers)
+    query = extract(PixelEmbedding(), shards, "query", **kw)
+    gallery = query if same_shards(manifest) else extract(PixelEmbedding(), shards, "gallery", **kw)
+    result = score(query, gallery, manifest["dataset"])
     _COMPUTED[key] = result
     try:
         tmp = cache.with_name(f".{cache.name}.tmp")

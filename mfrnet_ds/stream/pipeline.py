@@ -194,13 +194,15 @@ class TrainStream(IterableDataset):
                 yield self._collate(share, index, transform)
 
     def _any_decodes(self, batch: list[RawSample]) -> bool:
-        for sample in batch:
-            try:
-                decode(sample)
-                return True
-            except ValueError as exn:
-                self.damage.note(str(exn))
-        return False
+        return any(self._try_decode(sample) is not None for sample in batch)
+
+    def _try_decode(self, sample: RawSample) -> list | None:
+        """The sample's decoded images, or None (noted as damage) when they do not decode."""
+        try:
+            return decode(sample)
+        except ValueError as exn:
+            self.damage.note(str(exn))
+            return None
 
     def iter_pass(self, stream: int, pass_index: int) -> Iterator:
         """The samples logical `stream` reads in one pass, _SHARD_END after each shard."""
@@ -258,11 +260,7 @@ class TrainStream(IterableDataset):
         def load(q: int):
             sample = batch[q]
             if sample.key not in cache:
-                try:
-                    cache[sample.key] = decode(sample)
-                except ValueError as exn:
-                    self.damage.note(str(exn))
-                    cache[sample.key] = None
+                cache[sample.key] = self._try_decode(sample)
             return cache[sample.key]
 
         share = []

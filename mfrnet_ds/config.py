@@ -40,6 +40,12 @@ class MoEConfig:
     gate_noise: Literal["none", "normal", "RSample", "Jitter"] = "normal"
     gate_noise_scale: float = 1.0
     aux_weight: float = 0.01          # per MoE layer, as the paper intends (the reference used 12x this)
+    # load-balancing loss: "switch" = DeepSpeed's E * sum(fraction routed x mean gate); "tutel" = Tutel's
+    # importance + load loss (CV^2 / 2 each), the loss the reference trains with
+    aux_loss: Literal["switch", "tutel"] = "switch"
+    # which tokens an expert over capacity keeps: "random" (DeepSpeed's random token selection) or
+    # "priority" (the highest-scoring tokens: Tutel's batch-prioritised routing, as the reference)
+    overflow: Literal["random", "priority"] = "random"
     ep_size: int = 1                  # expert-parallel ranks the experts of one layer are spread over
 
 
@@ -64,8 +70,17 @@ class ModelConfig:
     num_classes: Optional[int] = None        # training identities; None = no classifier (inference)
     sie_coef: float = 1.0
     head: Literal["concat", "per_modality"] = "concat"
+    # per-modality heads only: the feature of a modality is its projected CLS ("cls", the reference's MSVR310)
+    # or [CLS; mean of patch tokens] -> LayerNorm -> Linear -> QuickGELU ("cls_mean", its RGBNT100)
+    head_pool: Literal["cls", "cls_mean"] = "cls_mean"
     drop_path: float = 0.0
-    pretrained: str = ""                     # local file: OpenAI CLIP (.pt / visual.* keys) or timm format
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"   # the backbone MLPs: OpenAI CLIP uses QuickGELU
+    # local file: OpenAI CLIP (.pt / visual.* keys), an open_clip checkpoint or timm format; "none" (or "")
+    # trains from scratch; "required" (the paper recipes) stops with a message until a file is given
+    pretrained: str = ""
+    # ablation only: train as the released reference code does (every expert of a layer shares one weight
+    # set, the FFM aux loss counted once per block, the raw weight-head score on the `nt` missing path)
+    reference_mode: bool = False
     ffm: FFMConfig = field(default_factory=FFMConfig)
     frm: FRMConfig = field(default_factory=FRMConfig)
 
@@ -77,6 +92,7 @@ class DataConfig:
     num_workers: int = 2
     aligned_augment: bool = True             # one flip/crop/erase draw for the three aligned images
     eval_batch: int = 64
+    re_ranking: bool = False                 # k-reciprocal re-ranking of the distances at evaluation
 
 
 @dataclass
@@ -92,10 +108,17 @@ class OptimConfig:
     backbone_lr: float = 5e-6               # pretrained CLIP tower
     weight_decay: float = 1e-4
     eps: float = 1e-8                       # Adam's epsilon
-    bias_lr_factor: float = 2.0
+    bias_lr_factor: float = 2.0             # biases of the new modules outside the MoE layers (as the reference)
+    # "cosine": per-step warm-up from warmup_factor x each group's lr, then cosine to min_lr_factor x its lr.
+    # "reference": the released code's per-epoch schedule (see engine/optim.py): warm-up from the absolute
+    # warmup_factor x lr for every group, cosine over all epochs to the absolute min_lr_factor x lr, and
+    # each epoch's lr scaled by a seeded, truncated normal perturbation
+    schedule: Literal["cosine", "reference"] = "cosine"
     warmup_epochs: int = 10
     warmup_factor: float = 0.1              # warm-up starts at this fraction of the lr
     min_lr_factor: float = 0.001            # cosine floor as a fraction of the lr
+    lr_noise: float = 0.67                  # reference schedule: |perturbation| < this (0 = none)
+    lr_noise_seed: int = 42
     grad_clip: float = 0.0                  # 0 = off; passed to DeepSpeed's gradient_clipping
 
 
@@ -255,6 +278,9 @@ def check(config: Config, world_size: int | None = None) -> None:
     for i, h in enumerate(m.img_size):
         if h <= 0 or h % 16:
             raise ConfigError(f"model.img_size[{i}]={h}: expected a positive multiple of the patch size 16")
+    if m.pretrained == "required":
+        raise ConfigError("model.pretrained=required: this recipe fine-tunes pretrained CLIP weights; give a local "
+                          "file (model.pretrained=/path/ViT-B-16.pt) or model.pretrained=none to train from scratch")
     if m.num_cameras < 1:
         raise ConfigError(f"model.num_cameras={m.num_cameras}: expected >= 1")
     for i, b in enumerate(m.frm.blocks):
@@ -263,6 +289,9 @@ def check(config: Config, world_size: int | None = None) -> None:
                               f"(allowed {-depth}..{depth - 1})")
     for name, moe in (("model.ffm", m.ffm), ("model.frm", m.frm)):
         _check_moe(name, moe, world_size)
+        if m.reference_mode and moe.ep_size > 1:
+            raise ConfigError(f"model.reference_mode=true shares one expert weight set per layer, which cannot be "
+                              f"split over ranks: set {name}.ep_size=1 (got {moe.ep_size})")
 
     t = config.train
     k = config.data.num_instances

@@ -82,21 +82,22 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
     model = build_model(config, rank=info.rank)
     groups = param_groups(model, config.optim)
     engine = D.initialize(model, build_optimizer(groups, config.optim, info.device),
-                          build_scheduler(plan.total_steps, plan.warmup_steps, config.optim), ds_config, info)
+                          build_scheduler(plan.total_steps, plan.warmup_steps, config.optim,
+                                                  plan.steps_per_epoch, config.train.epochs), ds_config, info)
     dtype = D.engine_dtype(engine)
 
     # Dropout, gate noise and random token selection draw from the global RNGs: one stream per rank,
     # fixed by the seed (a resume then restores them from the checkpoint).
     seed_everything(config.train.seed * 1000 + info.rank)
     # client state saved in every checkpoint; the config lets `mfrnet_ds.export` rebuild the model
-    state = {"step": 0, "best_map": -1.0, "run_id": None, "config": config.to_dict(),
+    state = {"step": 0, "best_map": -1.0, "best": {}, "run_id": None, "config": config.to_dict(),
              "layout": ckpt.layout(engine, info.world_size), "sampler": SAMPLER}
     if resume:
         found = ckpt.read_pointer(ckpt_dir, "latest")
         if found is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_dir}")
         client = ckpt.load(engine, ckpt_dir, found, info.rank, state["layout"])
-        state.update({k: client[k] for k in ("step", "best_map", "run_id") if k in client})
+        state.update({k: client[k] for k in ("step", "best_map", "best", "run_id") if k in client})
         if client.get("layout") != state["layout"]:   # no RNG state for this layout: a fresh stream per step
             seed_everything(config.train.seed * 1000 + info.rank + 7919 * state["step"])
         if info.is_main:
@@ -135,7 +136,8 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
             last = epoch + 1 == config.train.epochs
             if last or (epoch + 1) % config.train.eval_every == 0:
                 metrics = _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
-                                    missing_too=last and config.train.eval_missing)
+                                    missing_too=last and config.train.eval_missing,
+                                    steps_per_epoch=plan.steps_per_epoch)
             if config.train.ckpt_every == 0 or last:
                 _save(engine, ckpt_dir, state, info)
     except BaseException:
@@ -270,7 +272,8 @@ def _log_step(engine, parts, state, window, info, tracker, bar, out_dir: Path):
     window.update(t0=time.perf_counter(), samples=0)
 
 
-def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir, missing_too, keep_best=True):
+def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir, missing_too, keep_best=True,
+              steps_per_epoch=1):
     settings = [""] + (list(MISSING_SETTINGS) if missing_too and manifest["dataset"] == "rgbnt201" else [])
     results = evaluate_settings(engine, config.data.shards, manifest, settings, **eval_kw)
     metrics = {}
@@ -293,9 +296,18 @@ def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
     if info.world_size > 1:
         dist.broadcast(best, src=0)
     if keep_best and best.item() > state["best_map"]:
+        # the reference reports the best evaluation of a run; its checkpoint is kept as "best"
         state["best_map"] = best.item()
+        if info.is_main:
+            state["best"] = {"epoch": state["step"] // steps_per_epoch,
+                             **{k: metrics[k] for k in ("mAP", "Rank-1", "Rank-5", "Rank-10") if k in metrics}}
         tag = _save(engine, ckpt_dir, state, info)
         ckpt.mark_best(ckpt_dir, tag, info.rank)
+    if keep_best and info.is_main and state["best"]:
+        best_metrics = {f"best_{k}": v for k, v in state["best"].items()}
+        tracker.log_metrics(best_metrics, state["step"])
+        metrics.update(best_metrics)
+        log.info("best so far: epoch %d, mAP %.2f", state["best"]["epoch"], state["best"].get("mAP", -1.0))
     return metrics
 
 

@@ -1,9 +1,10 @@
-"""Optimiser parameter groups and the learning-rate schedule.
+"""Optimiser parameter groups and the learning-rate schedules.
 
-Groups follow the paper's recipe: the pretrained backbone learns at `backbone_lr`, the modules MFRNet adds
-(MoE, weight heads, camera embedding, necks) at `lr`; biases at `bias_lr_factor` x their role's lr. Each
-group is then split into non-expert and expert parts in DeepSpeed's format (expert parts carry `moe: True`
-and the expert group's name): expert gradients are averaged over the expert-data-parallel group only.
+Groups follow the reference's make_optimizer: the pretrained backbone learns at `backbone_lr` (its biases
+too); the MoE layers and the FFM (generators and weight heads) at `lr`; the other modules MFRNet adds (camera
+embedding, necks, token reductions) at `lr`, their biases at `bias_lr_factor` x `lr`. Each group is then
+split into non-expert and expert parts in DeepSpeed's format (expert parts carry `moe: True` and the expert
+group's name): expert gradients are averaged over the expert-data-parallel group only.
 """
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from mfrnet_ds.config import OptimConfig
 def param_groups(model, cfg: OptimConfig) -> list[dict]:
     groups = []
     for role, named in model.param_groups_by_role().items():
-        base_lr = cfg.lr if role == "new" else cfg.backbone_lr
-        for is_bias in (False, True):
-            params = [p for n, p in named if (p.dim() == 1) == is_bias]
+        base_lr = cfg.backbone_lr if role == "backbone" else cfg.lr
+        # only the head's biases get the factor: the reference's MoE/FFM override and its backbone lr both
+        # replace the doubled bias lr with the role's plain lr
+        split = role == "head"
+        for is_bias in (False, True) if split else (False,):
+            params = [p for n, p in named if not split or ("bias" in n) == is_bias]
             if params:
-                groups.append({"name": f"{role}.{'bias' if is_bias else 'weight'}", "params": params,
+                groups.append({"name": f"{role}.bias" if is_bias else role, "params": params,
                                "lr": base_lr * (cfg.bias_lr_factor if is_bias else 1.0),
                                "weight_decay": cfg.weight_decay})
     return split_expert_groups(groups)
@@ -66,9 +70,41 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) 
     return cfg.min_lr_factor + (1.0 - cfg.min_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(total_steps: int, warmup_steps: int, cfg: OptimConfig):
-    """A callable DeepSpeed turns into the engine's scheduler (stepped by engine.step, checkpointed with it)."""
+def reference_lr(t: int, base_lr: float, cfg: OptimConfig, epochs: int) -> float:
+    """The lr of epoch `t` (1-based, as the reference steps its timm-style scheduler with the epoch number
+    before each epoch) for a group whose own lr is `base_lr`.
+
+    Warm-up (t < warmup_epochs) goes linearly from the *absolute* warmup_factor x cfg.lr, the same for every
+    group (so the backbone's lr falls towards its own during warm-up); then a cosine over all `epochs` (no
+    warm-up offset) to the absolute floor min_lr_factor x cfg.lr, which the last epoch reaches. Each epoch
+    t < epochs is scaled by (1 + n), n a standard normal drawn from torch.Generator seeded lr_noise_seed + t,
+    redrawn until |n| < lr_noise.
+    """
+    start, floor = cfg.warmup_factor * cfg.lr, cfg.min_lr_factor * cfg.lr
+    if t < cfg.warmup_epochs:
+        lr = start + t * (base_lr - start) / cfg.warmup_epochs
+    else:
+        lr = floor + 0.5 * (base_lr - floor) * (1 + math.cos(math.pi * t / epochs))
+    if cfg.lr_noise > 0 and 0 <= t < epochs:
+        gen = torch.Generator().manual_seed(cfg.lr_noise_seed + t)
+        while abs(noise := torch.randn(1, generator=gen).item()) >= cfg.lr_noise:
+            pass
+        lr *= 1 + noise
+    return lr
+
+
+def build_scheduler(total_steps: int, warmup_steps: int, cfg: OptimConfig, steps_per_epoch: int = 1,
+                    epochs: int = 1):
+    """A callable DeepSpeed turns into the engine's scheduler (stepped by engine.step, checkpointed with it).
+
+    "cosine": one multiplier for every group, per step. "reference": each group's lr per epoch from
+    `reference_lr`, held for the whole epoch.
+    """
     def make(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, cfg))
+        if cfg.schedule == "cosine":
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, cfg))
+        bases = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            (lambda step, b=b: reference_lr(step // steps_per_epoch + 1, b, cfg, epochs) / b) for b in bases])
     return make

@@ -20,8 +20,8 @@ def build_model(config: Config, rank: int = 0) -> MFRNet:
         model = MFRNet(config.model)
     for layer in model.moe_layers:
         layer.init_experts(config.train.seed, expert_parallel_rank(rank, layer.ep_size))
-    if config.model.pretrained:
-        load_pretrained(model.vit, config.model.pretrained)
+    if config.model.pretrained not in ("", "none"):
+        load_pretrained(model.vit, config.model.pretrained, activation=config.model.activation)
     return model
 
 

@@ -7,7 +7,10 @@ so its aux loss is counted once. A target's fused tokens are
 
     0.5 * own + sum_s w_s * generated(s -> target),   w = softmax over the sources' weight-head scores,
 
-and a missing target is rebuilt from the present sources alone (no own term).
+where a weight head scores the token mean of its source's *input* tokens (as the reference), and a missing
+target is rebuilt from the present sources alone (no own term). With one source the softmax makes its
+weight 1; the reference's `nt` path (RGB alone) multiplies by the raw score instead, which `reference_nt`
+reproduces for ablations.
 """
 from __future__ import annotations
 
@@ -27,11 +30,13 @@ def _pair_name(s: int, t: int) -> str:
 
 
 class FeatureFusion(nn.Module):
-    def __init__(self, dim: int, cfg: FFMConfig):
+    def __init__(self, dim: int, cfg: FFMConfig, shared_experts: bool = False, reference_nt: bool = False):
         super().__init__()
+        self.reference_nt = reference_nt
         hidden = expert_hidden(cfg, dim, 4 / 3)  # 768 -> 1024 in the paper
         self.generators = nn.ModuleDict({
-            g: SparseMoE(dim, Expert(dim, hidden, cfg.dropout, residual=False), cfg, name=f"ffm.{g}")
+            g: SparseMoE(dim, Expert(dim, hidden, cfg.dropout, residual=False), cfg, name=f"ffm.{g}",
+                         shared_experts=shared_experts)
             for g in ("A", "B")
         })
         self.weight_heads = nn.ModuleDict({_pair_name(s, t): nn.Linear(dim, 1) for s, t in PAIRS})
@@ -51,9 +56,9 @@ class FeatureFusion(nn.Module):
                 fused.append(own)
                 continue
             gens = [generated[PAIRS[(s, t)]][present.index(s)] for s in sources]      # each (B, T, D)
-            scores = torch.cat([self.weight_heads[_pair_name(s, t)](g.mean(dim=1))
-                                for s, g in zip(sources, gens)], dim=1)               # (B, S)
-            w = scores.softmax(dim=1)
+            scores = torch.cat([self.weight_heads[_pair_name(s, t)](tokens[s].mean(dim=1))
+                                for s in sources], dim=1)                             # (B, S)
+            w = scores if self.reference_nt and present == [0] else scores.softmax(dim=1)
             mix = sum(w[:, i, None, None] * g for i, g in enumerate(gens))
             fused.append(mix if own is None else 0.5 * own + mix)
         return fused

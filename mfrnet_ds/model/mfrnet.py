@@ -42,16 +42,22 @@ class MFRNet(nn.Module):
         super().__init__()
         preset = PRESETS[cfg.preset]
         self.cfg = cfg
-        self.vit = build_vit(preset, cfg.img_size, cfg.drop_path)
-        self.frm_blocks = install_frm(self.vit, cfg.frm)
+        self.vit = build_vit(preset, cfg.img_size, cfg.drop_path, cfg.activation)
+        self.frm_blocks = install_frm(self.vit, cfg.frm, shared_experts=cfg.reference_mode)
         self.camera = CameraEmbedding(cfg.num_cameras, preset.width, cfg.sie_coef)
-        self.ffm = FeatureFusion(preset.width, cfg.ffm) if cfg.ffm.enabled else None
+        self.ffm = None
+        if cfg.ffm.enabled:
+            self.ffm = FeatureFusion(preset.width, cfg.ffm, shared_experts=cfg.reference_mode,
+                                     reference_nt=cfg.reference_mode)
+            if cfg.reference_mode:   # the released code adds the generators' aux loss once per block
+                for gen in self.ffm.generators.values():
+                    gen.aux_weight *= preset.depth
         P = preset.proj_dim
-        if cfg.head == "concat":
-            self.necks = nn.ModuleList([BNNeck(3 * P, cfg.num_classes)])
-            self.reductions = None
-        else:
-            self.necks = nn.ModuleList([BNNeck(P, cfg.num_classes) for _ in MODALITIES])
+        per_modality = cfg.head == "per_modality"
+        self.necks = nn.ModuleList([BNNeck(P, cfg.num_classes) for _ in MODALITIES] if per_modality else
+                                   [BNNeck(3 * P, cfg.num_classes)])
+        self.reductions = None
+        if per_modality and cfg.head_pool == "cls_mean":
             self.reductions = nn.ModuleList([TokenReduction(P) for _ in MODALITIES])
 
     @property
@@ -87,11 +93,13 @@ class MFRNet(nn.Module):
         return [neck(f) for neck, f in zip(self.necks, features)]
 
     def _head_features(self, x: torch.Tensor, B: int) -> list[torch.Tensor]:
-        if self.reductions is None:
-            cls = self.vit.head(x[:, 0])                                    # (3B, P)
-            return [cls.reshape(3, B, -1).transpose(0, 1).reshape(B, -1)]   # (B, 3P): [rgb | nir | tir]
-        tokens = self.vit.head(x).chunk(3)                                  # 3 x (B, T, P)
-        return [red(t) for red, t in zip(self.reductions, tokens)]          # 3 x (B, P)
+        if self.reductions is not None:
+            tokens = self.vit.head(x).chunk(3)                              # 3 x (B, T, P)
+            return [red(t) for red, t in zip(self.reductions, tokens)]      # 3 x (B, P)
+        cls = self.vit.head(x[:, 0])                                        # (3B, P)
+        if self.cfg.head == "per_modality":
+            return list(cls.chunk(3))                                       # 3 x (B, P)
+        return [cls.reshape(3, B, -1).transpose(0, 1).reshape(B, -1)]       # (B, 3P): [rgb | nir | tir]
 
     def _aux_loss(self, like: torch.Tensor) -> torch.Tensor:
         losses = [m.aux_loss for m in self.moe_layers]
@@ -104,14 +112,19 @@ class MFRNet(nn.Module):
                 for m in self.moe_layers}
 
     def param_groups_by_role(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Parameters split into the pretrained backbone and the modules MFRNet adds (different lrs)."""
-        new_prefixes = ("camera.", "ffm.", "necks.", "reductions.")
-        out: dict[str, list] = {"backbone": [], "new": []}
+        """Parameters by role, as the reference's optimiser sees them: the pretrained backbone, the MoE layers
+        and the FFM ("experts": generators, routers, weight heads), and the rest MFRNet adds ("head": camera
+        embedding, necks, token reductions)."""
+        out: dict[str, list] = {"backbone": [], "experts": [], "head": []}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            is_new = name.startswith(new_prefixes) or ".moe." in name
-            out["new" if is_new else "backbone"].append((name, p))
+            if name.startswith("ffm.") or ".moe." in name:
+                out["experts"].append((name, p))
+            elif name.startswith("vit."):
+                out["backbone"].append((name, p))
+            else:
+                out["head"].append((name, p))
         return out
 
 

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: mAP and CMC with the dataset's protocol, optionally the six missing-modality settings.
 
-    python launch/evaluate.py --checkpoint runs/rgbnt201 --shards data/shards/rgbnt201 [--missing all]
+    python launch/evaluate.py --checkpoint runs/rgbnt201 --shards data/shards/rgbnt201 [--missing all] [--re-ranking]
     deepspeed --num_gpus 2 launch/evaluate.py --checkpoint ... --shards ...     # feature extraction split over ranks
 
 The model is rebuilt from the experiment config stored in the checkpoint; expert-parallel layouts need a
@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--missing", default="", help="'all' for full + the six missing-modality settings, "
                     "or one setting: r, n, t, rn, rt, nt")
     ap.add_argument("--best", action="store_true", help="use the best-mAP checkpoint rather than the latest")
+    ap.add_argument("--re-ranking", action="store_true", help="k-reciprocal re-ranking of the distances (Zhong et "
+                    "al., CVPR 2017; k1=50, k2=15, lambda=0.3 as the reference evaluator), the reference codes' TEST.RE_RANKING")
     ap.add_argument("--batch", type=int, default=64, help="evaluation batch per rank")
     ap.add_argument("--deepspeed_config", "--deepspeed-config", default="ds_configs/cpu.json")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -64,13 +66,14 @@ def main(argv=None) -> int:
     kw = dict(img_size=config.model.img_size, batch_size=args.batch, rank=info.rank, world_size=info.world_size,
               device=info.device, num_workers=config.data.num_workers, progress=info.is_main,
               dtype=D.engine_dtype(engine))
-    results = evaluate_settings(engine, args.shards, manifest, settings, **kw)
+    results = evaluate_settings(engine, args.shards, manifest, settings, re_ranking=args.re_ranking, **kw)
     if args.save_embeddings:
         query = extract(engine, args.shards, "query", **kw)
         if info.is_main:
             torch.save(query, args.save_embeddings)
     if info.is_main:
-        print(f"{manifest['dataset']} | checkpoint {ckpt_dir / tag} | step {client.get('step')}")
+        print(f"{manifest['dataset']} | checkpoint {ckpt_dir / tag} | step {client.get('step')}"
+              + (" | k-reciprocal re-ranking" if args.re_ranking else ""))
         pixel = pixel_baseline(args.shards, manifest, config.model.img_size, batch_size=args.batch,
                                num_workers=config.data.num_workers)
         print(format_table(results, pixel))

@@ -88,6 +88,12 @@ def test_export_matches_engine_and_evaluate_cli(shards, tmp_path):
     assert "M(NIR+TIR)" in proc.stdout and "missing avg" in proc.stdout
     table = json.loads((tmp_path / "eval.json").read_text())
     assert set(table) == {"", "r", "n", "t", "rn", "rt", "nt"}
+    proc = run_deepspeed(ROOT / "launch/evaluate.py",
+                         ["--checkpoint", str(out), "--shards", str(shards), "--batch", "16", "--re-ranking",
+                          "--json", str(tmp_path / "eval_rr.json")], nprocs=2)
+    reranked = json.loads((tmp_path / "eval_rr.json").read_text())[""]
+    assert "re-ranking" in proc.stdout and 0 < reranked["mAP"] <= 100
+    assert reranked["mAP"] != table[""]["mAP"]          # the distances really were replaced
 
     from mfrnet_ds.export import export, load_exported
     from mfrnet_ds.stream.pipeline import eval_loader

@@ -118,7 +118,7 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
 
     eval_kw = dict(img_size=config.model.img_size, batch_size=config.data.eval_batch, rank=info.rank,
                    world_size=info.world_size, device=info.device, num_workers=config.data.num_workers,
-                   progress=info.is_main, dtype=dtype)
+                   progress=info.is_main, dtype=dtype, re_ranking=config.data.re_ranking)
     metrics = {}
     try:
         if config.train.eval_first and state["step"] == 0:

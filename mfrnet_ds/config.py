@@ -93,6 +93,7 @@ class DataConfig:
     aligned_augment: bool = True             # one flip/crop/erase draw for the three aligned images
     eval_batch: int = 64
     re_ranking: bool = False                 # k-reciprocal re-ranking of the distances at evaluation
+    max_damaged_share: float = 0.05          # evaluation fails when more of a split than this is undecodable
 
 
 @dataclass
@@ -138,6 +139,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/default"
     on_nan: Literal["skip", "stop"] = "stop"
+    eval_on_stop: bool = True               # a run stopped early (train.max_steps, SIGTERM) still evaluates
     deepspeed_config: str = "ds_configs/cpu.json"
     collective_timeout_s: float = 600.0     # a rank waiting longer than this on the others fails, never hangs
 

@@ -300,7 +300,7 @@ def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
         state["best_map"] = best.item()
         if info.is_main:
             state["best"] = {"epoch": state["step"] // steps_per_epoch,
-                             **{k: metrics[k] for k in ("mAP", "Rank-1", "Rank-5", "Rank-10") if k in metrics}}
+                             **{k: metrics[k] for k in ("mAP", "R1", "R5", "R10") if k in metrics}}
         tag = _save(engine, ckpt_dir, state, info)
         ckpt.mark_best(ckpt_dir, tag, info.rank)
     if keep_best and info.is_main and state["best"]:

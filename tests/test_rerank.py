@@ -134,7 +134,9 @@ def test_score_re_ranking_keeps_the_protocol(dataset):
     g_side = {"embedding": gallery, "pids": g_pids, "camids": torch.from_numpy(rng.integers(0, 3, len(g_pids))),
               "sceneids": torch.from_numpy(rng.integers(0, 2, len(g_pids)))}
     slot = "sceneids" if dataset == "msvr310" else "camids"
-    cmc, mAP = evaluate_rank(k_reciprocal(query, gallery), q_pids, g_pids, q_side[slot], g_side[slot])
+    # score() re-ranks with the reference evaluator's k1=50, k2=15, lambda=0.3
+    reranked = k_reciprocal(query, gallery, k1=50, k2=15, lam=0.3)
+    cmc, mAP = evaluate_rank(reranked, q_pids, g_pids, q_side[slot], g_side[slot])
     got = embed.score(q_side, g_side, dataset, re_ranking=True)
     assert got == pytest.approx({"mAP": 100 * mAP, "R1": 100 * cmc[0], "R5": 100 * cmc[4], "R10": 100 * cmc[9]})
     assert got["mAP"] > embed.score(q_side, g_side, dataset)["mAP"]

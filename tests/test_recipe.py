@@ -177,3 +177,14 @@ def test_recipes_say_what_the_reference_does():
 def test_recipe_without_weights_stops_with_a_message(recipe):
     with pytest.raises(ConfigError, match=r"model\.pretrained=.*none"):
         load_config(ROOT / f"configs/{recipe}.yaml")
+
+
+def test_all_1d_bias_scope_doubles_every_bias_and_norm_gain():
+    cfg = load_config(ROOT / "configs/demo.yaml", ["model.num_classes=10", "model.frm.ep_size=1"])
+    assert cfg.optim.bias_lr_scope == "all_1d"
+    model = build_model(cfg)
+    lr_of = {id(p): g["lr"] for g in param_groups(model, cfg.optim) for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            role_lr = cfg.optim.backbone_lr if name.startswith("vit.") and ".moe." not in name else cfg.optim.lr
+            assert lr_of[id(p)] == pytest.approx(role_lr * (2.0 if p.dim() == 1 else 1.0)), name

@@ -20,11 +20,12 @@ def param_groups(model, cfg: OptimConfig) -> list[dict]:
     groups = []
     for role, named in model.param_groups_by_role().items():
         base_lr = cfg.backbone_lr if role == "backbone" else cfg.lr
-        # only the head's biases get the factor: the reference's MoE/FFM override and its backbone lr both
-        # replace the doubled bias lr with the role's plain lr
-        split = role == "head"
+        # "head": only the head's biases get the factor (the reference's MoE/FFM override and its backbone lr
+        # both replace the doubled bias lr with the role's plain lr); "all_1d": biases and norm gains everywhere
+        every = cfg.bias_lr_scope == "all_1d"
+        split = every or role == "head"
         for is_bias in (False, True) if split else (False,):
-            params = [p for n, p in named if not split or ("bias" in n) == is_bias]
+            params = [p for n, p in named if not split or (p.dim() == 1 if every else "bias" in n) == is_bias]
             if params:
                 groups.append({"name": f"{role}.bias" if is_bias else role, "params": params,
                                "lr": base_lr * (cfg.bias_lr_factor if is_bias else 1.0),

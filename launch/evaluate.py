@@ -5,15 +5,32 @@
 
 The model is rebuilt from the experiment config stored in the checkpoint; expert-parallel layouts need a
 world size that the checkpoint's ep_size divides.
+
+Damaged samples (a shard cut short, a corrupt member) are left out and counted: the table and --json report
+`damaged_query` / `damaged_gallery`; more than --max-damaged-share (default: the checkpoint's
+data.max_damaged_share) of a split damaged is an error (exit 2) naming the shards that hold them.
 """
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 
 import torch
 
-from mfrnet_ds.config import ConfigError, check, config_from_saved
+from mfrnet_ds.config import ConfigError, UserError, check, config_from_saved
+
+
+def _error(message, is_main: bool | None = None) -> int:
+    """A user error every rank meets alike: one `error:` line from rank 0, no traceback; exit status 2."""
+    if is_main is None:           # before init_distributed: the launcher's RANK
+        is_main = os.environ.get("RANK", "0") == "0"
+    if is_main:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(3)   # let rank 0 print it: a launcher stops every rank as soon as one exits
+    return 2
 
 
 def main(argv=None) -> int:
@@ -26,6 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--re-ranking", action="store_true", help="k-reciprocal re-ranking of the distances (Zhong et "
                     "al., CVPR 2017; k1=50, k2=15, lambda=0.3 as the reference evaluator), the reference codes' TEST.RE_RANKING")
     ap.add_argument("--batch", type=int, default=64, help="evaluation batch per rank")
+    ap.add_argument("--max-damaged-share", type=float, default=None, help="fail when more than this share of "
+                    "the query or the gallery is damaged (default: data.max_damaged_share of the checkpoint's "
+                    "config); damaged samples under it are left out of the scores and counted")
     ap.add_argument("--deepspeed_config", "--deepspeed-config", default="ds_configs/cpu.json")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--save-embeddings", default=None, help="write query embeddings (+ ids) to this .pt file")
@@ -34,7 +54,7 @@ def main(argv=None) -> int:
 
     from mfrnet_ds.engine import ckpt
     from mfrnet_ds.engine import dist as D
-    from mfrnet_ds.eval.embed import evaluate_settings, extract, format_table
+    from mfrnet_ds.eval.embed import DamagedSplitError, evaluate_settings, extract, format_table
     from mfrnet_ds.eval.health import collapse_warning
     from mfrnet_ds.eval.pixel import pixel_baseline
     from mfrnet_ds.model import MISSING_SETTINGS, build_model
@@ -42,14 +62,12 @@ def main(argv=None) -> int:
 
     settings = [""] + list(MISSING_SETTINGS) if args.missing == "all" else [args.missing]
     if args.missing not in ("", "all") and args.missing not in MISSING_SETTINGS:
-        print(f"error: --missing={args.missing!r}: expected all, {', '.join(MISSING_SETTINGS)}", file=sys.stderr)
-        return 2
+        return _error(f"--missing={args.missing!r}: expected all, {', '.join(MISSING_SETTINGS)}")
     try:
         ckpt_dir, tag = ckpt.resolve(args.checkpoint, best=args.best)
         manifest = read_manifest(args.shards)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return _error(e)
 
     info = D.init_distributed(args.local_rank)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s")
@@ -58,15 +76,25 @@ def main(argv=None) -> int:
     try:
         check(config, info.world_size)
     except ConfigError as e:
-        print(f"error: checkpoint {ckpt_dir / tag}: {e}", file=sys.stderr)
-        return 2
-    model = build_model(config, rank=info.rank)
-    engine = D.initialize(model, None, None, D.deepspeed_config(config, info.world_size, args.deepspeed_config), info)
+        return _error(f"checkpoint {ckpt_dir / tag}: {e}", info.is_main)
+    try:
+        model = build_model(config, rank=info.rank)     # pretrained weights, when the run's config names them
+        ds_config = D.deepspeed_config(config, info.world_size, args.deepspeed_config)
+    except UserError as e:
+        return _error(e, info.is_main)
+    engine = D.initialize(model, None, None, ds_config, info)
     engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False)
     kw = dict(img_size=config.model.img_size, batch_size=args.batch, rank=info.rank, world_size=info.world_size,
               device=info.device, num_workers=config.data.num_workers, progress=info.is_main,
               dtype=D.engine_dtype(engine))
-    results = evaluate_settings(engine, args.shards, manifest, settings, re_ranking=args.re_ranking, **kw)
+    limit = config.data.max_damaged_share if args.max_damaged_share is None else args.max_damaged_share
+    try:
+        results = evaluate_settings(engine, args.shards, manifest, settings, re_ranking=args.re_ranking,
+                                    max_damaged_share=limit, **kw)
+    except DamagedSplitError as e:   # raised on every rank alike
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.save_embeddings:
         query = extract(engine, args.shards, "query", **kw)
         if info.is_main:

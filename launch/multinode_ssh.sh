@@ -23,6 +23,11 @@
 # command as `export KEY=VALUE;` without quoting, so this script refuses values with spaces or shell
 # characters. Anything else (GLOO_SOCKET_IFNAME, OMP_NUM_THREADS, ...) goes as KEY=VALUE lines into
 # .deepspeed_env in the repository root or in your home directory; DeepSpeed reads both.
+#
+# Exit status (through launch/ds_run.py): the largest of the nodes' (pdsh -S): 0 done, 2 a user error, 143 the
+# ranks stopped on SIGTERM with a checkpoint; 128+N when pdsh itself was killed by signal N (plain `deepspeed`
+# exits 0 then). SIGTERM/SIGINT here: DeepSpeed's runner signals pdsh and runs `pkill -f` of the training
+# command on every node (the ranks get SIGTERM and save), then exits 1 a second later without waiting for them.
 set -euo pipefail
 
 die() { echo "launch/multinode_ssh.sh: $*" >&2; exit 2; }
@@ -56,4 +61,5 @@ done < <(env | grep -E '^(MLFLOW|PYTHON|UCX|MV2|NCCL)[A-Za-z0-9_]*=' || true)
 args=(--hostfile "$HOSTFILE" --launcher pdsh --master_port "$MASTER_PORT")
 [ -z "${MASTER_ADDR:-}" ] || args+=(--master_addr "$MASTER_ADDR")
 [ -z "${NUM_NODES:-}" ] || args+=(--num_nodes "$NUM_NODES")
-exec "$DEEPSPEED" "${args[@]}" launch/train.py "$@"
+command -v python3 >/dev/null || die "python3 not found: it starts launch/ds_run.py"
+exec python3 launch/ds_run.py "$DEEPSPEED" "${args[@]}" launch/train.py "$@"

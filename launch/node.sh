@@ -23,6 +23,12 @@
 #
 # The environment passes through unchanged: MLFLOW_* (tracking URI, credentials), GLOO_SOCKET_IFNAME /
 # NCCL_SOCKET_IFNAME (which network interface to use), OMP_NUM_THREADS reach every process of this node.
+#
+# Exit status (through launch/ds_run.py, which runs DeepSpeed's runner): 0 done; 2 a user error (one `error:`
+# line); 128+N stopped by signal N (SIGTERM to this script, or to its process group: 143; the ranks stop at a
+# step boundary with a checkpoint, --resume continues) or DeepSpeed's launcher killed by signal N (137 for
+# SIGKILL; plain `deepspeed` exits 0 then); otherwise the failing rank's status. DeepSpeed's launcher gives the
+# ranks 30 s between its SIGTERM and SIGKILL.
 set -euo pipefail
 
 die() { echo "launch/node.sh: $*" >&2; exit 2; }
@@ -71,6 +77,7 @@ else
   [ "$lines" -eq "$NUM_NODES" ] || die "HOSTFILE=$HOSTFILE lists $lines nodes but NUM_NODES=$NUM_NODES"
 fi
 
+command -v python3 >/dev/null || die "python3 not found: it starts launch/ds_run.py"
 echo "launch/node.sh: node $NODE_RANK of $NUM_NODES, master $MASTER_ADDR:$MASTER_PORT, hostfile $HOSTFILE" >&2
-exec "$DEEPSPEED" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
+exec python3 launch/ds_run.py "$DEEPSPEED" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" launch/train.py "$@"

@@ -5,12 +5,20 @@
     python launch/train.py --config configs/demo.yaml      # one process
 
 CPU machines run the same code on DeepSpeed's CPU accelerator (gloo); GPUs use NCCL.
+
+Exit status: 0 done (or stopped by train.max_steps, with a checkpoint and, with train.eval_on_stop, the final
+evaluation); 2 a user error before training (a setting, missing shards or manifest, DeepSpeed JSON, pretrained
+weights, nothing to --resume): one `error: <message>` line from rank 0, no traceback; 128 + N stopped by
+signal N (SIGTERM 143, SIGINT 130) at a step boundary after saving a checkpoint: `--resume` continues it;
+1 (with a traceback) anything else.
 """
 import argparse
 import logging
+import os
 import sys
+import time
 
-from mfrnet_ds import ConfigError, load_config
+from mfrnet_ds.config import ConfigError, UserError, load_config
 
 
 def main(argv=None) -> int:
@@ -24,21 +32,31 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ConfigError as e:      # every rank has the same arguments: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(3)         # let rank 0 print it: a launcher stops every rank as soon as one exits
         return 2
 
     from mfrnet_ds.engine import dist as D
-    from mfrnet_ds.engine.loop import train
+    from mfrnet_ds.engine.loop import SetupError, StoppedBySignal, train
 
     info = D.init_distributed(args.local_rank, timeout_s=config.train.collective_timeout_s)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {info.rank}] %(message)s", datefmt="%H:%M:%S")
     try:
         train(config, info, resume=args.resume, ds_config_path=args.deepspeed_config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except SetupError as e:       # raised on every rank at the same point
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        D.agree_max(0, info.device)   # a barrier: no rank exits (and has the launcher stop rank 0) before it printed
         return 2
+    except UserError as e:        # met by this rank during training
+        print(f"error: rank {info.rank}: {e}", file=sys.stderr, flush=True)
+        return 2
+    except StoppedBySignal as e:  # checkpoint saved (rank 0 logged where): --resume continues the run
+        return e.exit_code
     return 0
 
 

@@ -18,7 +18,21 @@ from typing import Any, Literal, Optional
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A failure the user fixes, not a bug: a setting, or an input file that is missing or not what it should
+    be. The message says what and where in one line; launch/train.py and launch/evaluate.py print it as
+    `error: <message>` (rank 0 only) and exit 2, without a traceback."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the run needs does not exist (still a FileNotFoundError for callers)."""
+
+
+class BadFileError(UserError, ValueError):
+    """An input file exists but cannot be used: unreadable, malformed, or made for another model."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot work; the message names the key."""
 
 
@@ -109,7 +123,11 @@ class OptimConfig:
     backbone_lr: float = 5e-6               # pretrained CLIP tower
     weight_decay: float = 1e-4
     eps: float = 1e-8                       # Adam's epsilon
-    bias_lr_factor: float = 2.0             # biases of the new modules outside the MoE layers (as the reference)
+    bias_lr_factor: float = 2.0
+    # which parameters get bias_lr_factor: "head" = the biases of the head modules only (camera embedding, necks,
+    # token reductions), as the reference's optimiser; "all_1d" = every 1-D parameter (biases and norm gains) of
+    # every role, which a model trained from scratch learns faster with (the demo)
+    bias_lr_scope: Literal["head", "all_1d"] = "head"
     # "cosine": per-step warm-up from warmup_factor x each group's lr, then cosine to min_lr_factor x its lr.
     # "reference": the released code's per-epoch schedule (see engine/optim.py): warm-up from the absolute
     # warmup_factor x lr for every group, cosine over all epochs to the absolute min_lr_factor x lr, and

@@ -120,3 +120,17 @@ def remove_shm_buffers(master_addr: str, master_port: int) -> None:
     (deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>) and never unlinks them: remove ours."""
     for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_*"):
         f.unlink(missing_ok=True)
+
+
+def shm_segments(master_port: int, master_addr: str = "127.0.0.1") -> list[Path]:
+    """The DeepSpeed CPU shm segments of the run that met at master_addr:master_port still in /dev/shm."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_*"))
+
+
+def mapped_shm(pid: int) -> list[str]:
+    """The DeepSpeed shm files process `pid` maps, as /proc/PID/maps names them ('... (deleted)' once unlinked)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return sorted({line.split(maxsplit=5)[5].strip() for line in f if "deepspeed_allreduce_buffer" in line})
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return []

@@ -6,50 +6,330 @@ Layout of `out_dir/checkpoints/`:
     latest                 the tag to resume from; replaced atomically only after every rank finished
     best                   the tag with the best mAP so far (kept out of the rotation)
 
-A crash while writing leaves the new tag without COMPLETE and `latest` still naming the previous one.
+A save, all ranks together:
+  1. rank 0 makes the tag folder afresh (a folder of this tag left by a save that never completed goes first);
+  2. every rank writes its DeepSpeed files and rng_rank<R>.pt and fsyncs each file it wrote, then the tag folder;
+  3. the ranks exchange "my part failed" (one all_gather);
+  4. rank 0 fsyncs the checkpoints folder (the tag folder's entry), writes and fsyncs COMPLETE and fsyncs the tag
+     folder, writes `latest` to a temp file, fsyncs it, renames it over `latest`, fsyncs the checkpoints folder,
+     and rotates old tags; the ranks exchange the outcome once more.
+So a crash at any point (node crash included: nothing `latest` names can be lost with the page cache) leaves
+`latest` naming a complete checkpoint, the previous one until the rename.
+
+A failed write (a full disk, above all) never leaves a rank waiting in a collective: DeepSpeed's writes are
+guarded so every rank runs its collectives to the end, and the exchange tells every rank. Rank 0 then removes
+the partial tag (`latest` keeps naming the previous one) and logs one line: the file system, the space free,
+what a checkpoint needs (the size of the previous one), and that --resume continues from it once there is
+room; every rank raises CheckpointError.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from mfrnet_ds.config import MissingFileError
+from mfrnet_ds.engine import dist as D
+
 KEEP_LAST = 2
 log = logging.getLogger(__name__)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved. Raised on every rank together, after rank 0 logged why in one line."""
 
 
 def save(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, keep: set[str] = frozenset()) -> None:
-    """Collective: every rank must call it. `state` is the loop's client state (step, epoch, best mAP...)."""
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
-    dist.barrier()
+    """Collective: every rank must call it. `state` is the loop's client state (step, epoch, best mAP...).
+    Raises CheckpointError on every rank when any rank could not write its part (see the module docstring)."""
+    ckpt_dir, t0, sync = Path(ckpt_dir), time.perf_counter(), _Syncs()
+    tag_dir = ckpt_dir / tag
+    failure = None
     if rank == 0:
-        (ckpt_dir / tag / "COMPLETE").write_text("ok\n")
-        _write_atomic(ckpt_dir / "latest", tag)
-        _rotate(ckpt_dir, protect={tag, *keep, read_pointer(ckpt_dir, "best") or ""})
-    dist.barrier()
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tag_dir.exists():    # this step's save was cut short before (a crash, a full disk): start afresh
+                shutil.rmtree(tag_dir)
+            tag_dir.mkdir()
+        except Exception as e:
+            failure = _failure(e, tag_dir, rank)
+    _agree(ckpt_dir, tag, failure, rank)     # and no rank writes into the folder before it is fresh
+
+    writes = _GuardedWrites(engine, rank)
+    with writes:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    failure = writes.failure
+    if failure is None:
+        path = tag_dir / f"rng_rank{rank}.pt"
+        try:
+            with open(path, "wb") as f:
+                torch.save(_rng_state(), f)
+                sync.file(f)
+            for path in writes.files:
+                sync.path(path)
+            path = tag_dir
+            sync.path(tag_dir)
+        except Exception as e:
+            failure = _failure(e, path, rank)
+    _agree(ckpt_dir, tag, failure, rank)     # every rank's files are on disk
+
+    if rank == 0:
+        path = ckpt_dir
+        try:
+            sync.path(ckpt_dir)              # the tag folder's own entry
+            path = tag_dir / "COMPLETE"
+            _write_durable(path, "ok\n", sync)
+            sync.path(tag_dir)
+            path = ckpt_dir / "latest"
+            _write_atomic(path, tag, sync)
+        except Exception as e:
+            failure = _failure(e, path, rank)
+        else:
+            _rotate(ckpt_dir, protect={tag, *keep, read_pointer(ckpt_dir, "best") or ""})
+            log.info("checkpoint %s saved: %s in %.2f s (rank 0's fsyncs %.2f s)", tag, _human(_du(tag_dir)),
+                     time.perf_counter() - t0, sync.seconds)
+    _agree(ckpt_dir, tag, failure, rank)
 
 
 def mark_best(ckpt_dir: Path, tag: str, rank: int) -> None:
     if rank == 0:
         old = read_pointer(ckpt_dir, "best")
-        _write_atomic(ckpt_dir / "best", tag)
-        latest = read_pointer(ckpt_dir, "latest")
-        if old and old not in (tag, latest):
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        try:
+            _write_atomic(ckpt_dir / "best", tag)
+        except OSError as e:    # the checkpoint itself is saved; a full disk stops the run at the next save
+            log.warning("could not point %s at %s (%s); it still names %s", ckpt_dir / "best", tag, e, old)
+        else:
+            latest = read_pointer(ckpt_dir, "latest")
+            if old and old not in (tag, latest):
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     dist.barrier()
+
+
+# ---- durable writes ------------------------------------------------------------------------------------
+
+class _Syncs:
+    """fsync, adding up the time it takes."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def fd(self, fd: int) -> None:
+        t0 = time.perf_counter()
+        os.fsync(fd)
+        self.seconds += time.perf_counter() - t0
+
+    def file(self, f) -> None:
+        f.flush()
+        self.fd(f.fileno())
+
+    def path(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)     # a folder too: fsync of its descriptor makes its entries durable
+        try:
+            self.fd(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_durable(path: Path, text: str, sync: _Syncs) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        sync.file(f)
+
+
+def _write_atomic(path: Path, text: str, sync: _Syncs | None = None) -> None:
+    """Replace `path` with `text` so that after a crash it holds the old text or the new, and after return the
+    new one is on disk."""
+    sync = sync or _Syncs()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        _write_durable(tmp, text, sync)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    sync.path(path.parent)
+
+
+class _GuardedWrites:
+    """Around one engine.save_checkpoint call: DeepSpeed's writes (its checkpoint engine's save and makedirs, and
+    the ZeRO recovery-script copy) record the first failure instead of raising it, and are skipped after one.
+    A rank whose write raised would leave save_checkpoint before its closing barrier with the other ranks
+    waiting in it; guarded, every rank runs DeepSpeed's collectives to the end and the ranks then agree.
+    (Any other exception inside save_checkpoint still propagates: train.collective_timeout_s bounds the wait.)
+    Also collects the files this rank wrote, to fsync them."""
+
+    def __init__(self, engine, rank: int):
+        self.engine, self.rank = engine, rank
+        self.files: list[Path] = []
+        self.failure: dict | None = None
+        self._patched: list[tuple[object, str, bool, object]] = []
+
+    def __enter__(self):
+        ce = self.engine.checkpoint_engine
+        for owner, name, path_at in ((ce, "save", 1), (ce, "makedirs", 0), (self.engine, "_copy_recovery_script", 0)):
+            if hasattr(owner, name):
+                self._guard(owner, name, path_at, keep=name == "save")
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, had, before in reversed(self._patched):
+            if had:
+                setattr(owner, name, before)
+            else:
+                delattr(owner, name)
+        return False
+
+    def _guard(self, owner, name: str, path_at: int, keep: bool = False) -> None:
+        original = getattr(owner, name)
+
+        def guarded(*args, **kwargs):
+            if self.failure is not None:
+                return None
+            path = args[path_at] if len(args) > path_at else next(iter(kwargs.values()), "?")
+            try:
+                result = original(*args, **kwargs)
+            except Exception as e:
+                self.failure = _failure(e, path, self.rank)
+                return None
+            if keep:
+                self.files.append(Path(path))
+            return result
+
+        self._patched.append((owner, name, name in vars(owner), vars(owner).get(name)))
+        setattr(owner, name, guarded)
+
+
+# ---- a save that failed ----------------------------------------------------------------------------------
+
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _failure(exc: BaseException, path, rank: int) -> dict:
+    """What a rank reports about its failed write (picklable, for the exchange)."""
+    code = _errno(exc)
+    if code is None:
+        # torch's zip writer reports a short write without the errno ("unexpected pos 576 vs 534")
+        try:
+            if shutil.disk_usage(_existing(Path(path))).free < 1 << 20:
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return {"rank": rank, "path": str(path), "errno": code, "error": f"{type(exc).__name__}: {text}"[:300]}
+
+
+def _errno(exc: BaseException) -> int | None:
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    # torch.save reports a failed write as RuntimeError("write(): fd 3 failed with No space left on device")
+    return next((c for c in (*SPACE_ERRORS, errno.EIO, errno.EROFS, errno.EACCES) if os.strerror(c) in str(exc)),
+                None)
+
+
+def _agree(ckpt_dir: Path, tag: str, failure: dict | None, rank: int) -> None:
+    """Collective: raise CheckpointError on every rank if any rank reports a failure."""
+    failures = [f for f in D.all_ranks(failure) if f]
+    if not failures:
+        return
+    message = None
+    if rank == 0:
+        message = _give_up(ckpt_dir, tag, failures)
+        log.error("%s", message)
+    message = D.all_ranks(message)[0]     # also: rank 0's line is out before any rank exits
+    raise CheckpointError(message)
+
+
+def _give_up(ckpt_dir: Path, tag: str, failures: list[dict]) -> str:
+    """Rank 0: remove the partial tag and say in one line what happened and what to do."""
+    first = min(failures, key=lambda f: (f["errno"] not in SPACE_ERRORS, f["rank"]))  # a full disk explains all
+    tag_dir = ckpt_dir / tag
+    latest = read_pointer(ckpt_dir, "latest")
+    written = _du(tag_dir)
+    if latest != tag:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    if latest and latest != tag:
+        step = re.fullmatch(r"step0*(\d+)", latest)
+        then = (f"`latest` still names {latest}: free space there and rerun with --resume to continue from "
+                f"{'step ' + step.group(1) if step else latest}")
+        need = f"about {_human(_du(ckpt_dir / latest))} (the size of {latest})"
+    elif latest == tag:
+        then = f"`latest` names {tag}, written before the error"
+        need = f"about {_human(written)}"
+    else:
+        then = "there is no complete checkpoint yet: free space there and rerun, which starts from the beginning"
+        need = f"more than the {_human(written)} written before it failed"
+    if first["errno"] in SPACE_ERRORS:
+        try:
+            usage = shutil.disk_usage(_existing(ckpt_dir))
+            room = f" ({_human(usage.free)} free of {_human(usage.total)})"
+        except OSError:
+            room = ""
+        return (f"checkpoint {tag} was not saved: {os.strerror(first['errno']).lower()} on the "
+                f"{_file_system(ckpt_dir)}{room} when rank {first['rank']} wrote {first['path']}; a checkpoint "
+                f"needs {need}; {then}")
+    return (f"checkpoint {tag} was not saved: rank {first['rank']} could not write {first['path']} "
+            f"({first['error']}) on the {_file_system(ckpt_dir)}; {then.replace('free space there', 'fix that')}")
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _du(path: Path) -> int:
+    """Bytes the files under `path` take on disk (what `du` says), 0 if there is no such folder."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += st.st_blocks * 512 or st.st_size
+    return total
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _file_system(path: Path) -> str:
+    """'tmpfs file system mounted at /x' or 'ext4 file system /dev/sda1 mounted at /': the one holding `path`."""
+    real = os.path.realpath(_existing(path))
+    best = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mount, (fstype, source) = _unescape(left.split()[4]), right.split()[:2]
+                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+                if inside and (best is None or len(mount) >= len(best[0])):   # the last of equals is on top
+                    best = (mount, fstype, _unescape(source))
+    except (OSError, ValueError, IndexError):
+        pass
+    if best is None:
+        return f"file system holding {real}"
+    mount, fstype, source = best
+    return f"{fstype if source in (fstype, 'none') else f'{fstype} {source}'} file system mounted at {mount}"
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def read_pointer(ckpt_dir: Path, name: str) -> str | None:
@@ -70,8 +350,8 @@ def resolve(path: str | Path, best: bool = False) -> tuple[Path, str]:
         tag = read_pointer(candidate, "latest")
         if tag:
             return candidate, (best and read_pointer(candidate, "best")) or tag
-    raise FileNotFoundError(f"{path}: no complete checkpoint (expected a 'latest' file naming a tag folder "
-                            f"with COMPLETE, or a tag folder itself)")
+    raise MissingFileError(f"{path}: no complete checkpoint (expected a 'latest' file naming a tag folder "
+                           f"with COMPLETE, or a tag folder itself)")
 
 
 def layout(engine, world_size: int) -> dict:

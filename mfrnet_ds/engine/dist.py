@@ -3,11 +3,26 @@ builds the DeepSpeed engine.
 
 Works the same under `deepspeed` (it sets RANK/WORLD_SIZE/LOCAL_RANK and passes --local_rank), under
 SLURM or torchrun, and as a plain `python` process (then a one-rank group is made on loopback).
+
+Shared memory. On CPUs, when every rank runs on one machine (LOCAL_SIZE == world size), DeepSpeed's shm
+all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp, shm_initialize, run inside deepspeed.init_distributed) makes
+one ~66 MB POSIX segment per rank, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>,
+maps every rank's, and never unlinks them. No pid in the name: uid, rendezvous address and port, rank.
+init_distributed() removes them by name as soon as every rank has mapped them all (a barrier right after
+init); the mappings stay valid and the memory goes back when the last rank ends, however it ends (normal
+exit, exception, SIGTERM, SIGKILL). An atexit hook also unlinks this rank's segment for a failure between
+DeepSpeed creating it and that barrier; only a SIGKILL inside that window (a second or so at start) can leave
+one behind, and the next run on the machine removes segments of this uid that no process holds
+(`remove_stale_shm`).
 """
 from __future__ import annotations
 
+import atexit
+import fcntl
 import json
+import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,6 +36,8 @@ from deepspeed.accelerator import get_accelerator
 
 from mfrnet_ds.config import Config, ConfigError, check, derive_batch
 from mfrnet_ds.model.moe import expert_parallel_rank
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,7 +67,13 @@ def init_distributed(local_rank: int | None = None, timeout_s: float = 600.0) ->
         # There is no public knob; these module defaults are what new_group falls back to.
         distributed_c10d.default_pg_timeout = timeout
         distributed_c10d.default_pg_nccl_timeout = timeout
+        remove_stale_shm()
+        atexit.register(release_shm)
         deepspeed.init_distributed(timeout=timeout)
+        if get_accelerator().device_name() == "cpu":
+            # past this barrier every rank has mapped every rank's shm segment: the names can go
+            dist.barrier()
+            release_shm()
     acc = get_accelerator()
     lr = int(os.environ.get("LOCAL_RANK", 0))
     if acc.device_name() == "cuda":
@@ -97,6 +120,113 @@ class _GatherRows(torch.autograd.Function):
         return grad[start:start + ctx.rows]
 
 
+def agree_max(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value`, on every rank (one small all-reduce). The stop check at each step
+    boundary: a signal that reached only some ranks, or reached them inside different steps, still makes every
+    rank stop after the same step."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    flag = torch.tensor([value], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def all_ranks(value):
+    """Every rank's `value` (anything picklable), in rank order, on every rank: one all_gather_object.
+    How ranks agree on something only some of them know, e.g. which of them failed to write a checkpoint."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+# ---- DeepSpeed's CPU shared-memory segments (see the module docstring) -----------------------------------
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_segment(rank: int | None = None) -> Path:
+    """The segment DeepSpeed's shm all-reduce makes for `rank` (default: this process's RANK) in this run."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    return SHM_DIR / (f"{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                      f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm() -> None:
+    """Unlink this rank's segment if this process maps it under that name (it made it, or mapped the same file
+    the name still holds). Idempotent; from init_distributed once all ranks mapped it, and at exit."""
+    path = shm_segment()
+    try:
+        inode = _mapped_inodes(os.getpid()).get(str(path))
+        if inode is not None and path.stat().st_ino == inode:
+            path.unlink()
+    except OSError:
+        pass
+
+
+def remove_stale_shm() -> list[Path]:
+    """Remove DeepSpeed shm segments of this uid that no process has open or mapped: left by a run killed while
+    it started (before init_distributed's barrier). A live run's segment is always held (its maker keeps the
+    descriptor and the mapping from creation on), so it is never taken. "Held" is asked of the kernel, which
+    grants a write lease only on a file no other process has open (a mapping counts): processes in other pid
+    namespaces sharing this /dev/shm count too. Where leases are unavailable nothing is removed."""
+    removed = []
+    for path in SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*"):
+        if not _held(path):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    if removed:
+        log.info("removed %d DeepSpeed shm segment(s) no process holds from %s: %s", len(removed), SHM_DIR,
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
+def _held(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return True
+    try:
+        # a lease break (another process opening it in the next microseconds) would signal SIGIO, whose default
+        # action ends the process: have it signal SIGURG instead, ignored by default
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError:         # EAGAIN: someone has it open; EINVAL, EACCES: cannot tell
+        return True
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _mapped_inodes(pid: int | str) -> dict[str, int]:
+    """DeepSpeed shm files mapped by `pid`: path -> inode (unlinked ones end in ' (deleted)')."""
+    found = {}
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if SHM_PREFIX in line:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6:
+                    found[fields[5].rstrip("\n")] = int(fields[4])
+    return found
+
+
+def first_failure(message: str | None) -> tuple[int, str] | None:
+    """(rank, message) of the lowest rank whose `message` is not None, on every rank; None when no rank has one.
+    One all-gather of small objects, once per run: the ranks agree that their setup succeeded."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None if message is None else (0, message)
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return next(((rank, m) for rank, m in enumerate(messages) if m is not None), None)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,8 +243,12 @@ def deepspeed_config(config: Config, world_size: int, path: str | None = None) -
         ds = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"train.deepspeed_config={path}: file does not exist") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:   # JSONDecodeError, or UnicodeDecodeError for a binary file
         raise ConfigError(f"train.deepspeed_config={path}: not valid JSON ({e})") from None
+    except OSError as e:   # a folder, no permission
+        raise ConfigError(f"train.deepspeed_config={path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed_config={path}: expected a JSON object, got {type(ds).__name__}")
     check(config, world_size)
     micro, accum = derive_batch(config, world_size)
     want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,

@@ -2,10 +2,14 @@
 and checkpoints around it. One obvious path from batch to step; periodic work in small functions."""
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import random
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mfrnet_ds.config import Config, ConfigError, derive_batch
+from mfrnet_ds.config import Config, ConfigError, MissingFileError, UserError, derive_batch
 from mfrnet_ds.engine import ckpt
 from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.loss import compute_losses
@@ -37,6 +41,24 @@ SAMPLER = "global-pk-v1"
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class SetupError(UserError):
+    """A user error before training (missing shards or manifest, DeepSpeed JSON, pretrained weights, nothing to
+    --resume): raised on EVERY rank at the same point, with the message of the lowest rank that met it."""
+
+
+class StoppedBySignal(Exception):
+    """train() stopped on SIGTERM/SIGINT at a step boundary, after its checkpoint (and, with train.eval_on_stop,
+    its evaluation): the run is not finished and `--resume` continues it. Exit status 128 + the signal."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step = signum, step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 @dataclass
@@ -74,12 +96,20 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
     """Train (or resume) a run in `config.train.out_dir`; returns the final metrics on rank 0."""
     out_dir = Path(config.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    manifest = read_manifest(config.data.shards)
-    config = with_dataset(config, manifest)
-    ds_config = D.deepspeed_config(config, info.world_size, ds_config_path)
-    plan = make_plan(config, manifest, info.world_size)
+    # What a user can get wrong is read before the first collective, then the ranks agree on it: a mistake
+    # any rank meets stops every rank at this point with one message (SetupError), never a hang.
+    failure = None
+    try:
+        manifest = read_manifest(config.data.shards)
+        config = with_dataset(config, manifest)
+        ds_config = D.deepspeed_config(config, info.world_size, ds_config_path)
+        plan = make_plan(config, manifest, info.world_size)
+        model = build_model(config, rank=info.rank)
+        found = _resume_tag(ckpt_dir) if resume else None
+    except UserError as e:
+        failure = e
+    _agree_on_setup(failure)
 
-    model = build_model(config, rank=info.rank)
     groups = param_groups(model, config.optim)
     engine = D.initialize(model, build_optimizer(groups, config.optim, info.device),
                           build_scheduler(plan.total_steps, plan.warmup_steps, config.optim,
@@ -93,9 +123,6 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
     state = {"step": 0, "best_map": -1.0, "best": {}, "run_id": None, "config": config.to_dict(),
              "layout": ckpt.layout(engine, info.world_size), "sampler": SAMPLER}
     if resume:
-        found = ckpt.read_pointer(ckpt_dir, "latest")
-        if found is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_dir}")
         client = ckpt.load(engine, ckpt_dir, found, info.rank, state["layout"])
         state.update({k: client[k] for k in ("step", "best_map", "best", "run_id") if k in client})
         if client.get("layout") != state["layout"]:   # no RNG state for this layout: a fresh stream per step
@@ -119,35 +146,149 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
     eval_kw = dict(img_size=config.model.img_size, batch_size=config.data.eval_batch, rank=info.rank,
                    world_size=info.world_size, device=info.device, num_workers=config.data.num_workers,
                    progress=info.is_main, dtype=dtype, re_ranking=config.data.re_ranking)
-    metrics = {}
-    try:
-        if config.train.eval_first and state["step"] == 0:
-            metrics = _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir, missing_too=False,
-                                keep_best=False)
-            if info.is_main:
-                (out_dir / "metrics_untrained.json").write_text(json.dumps(metrics, indent=2))
-        end = min(plan.total_steps, config.train.max_steps or plan.total_steps)
-        while state["step"] < end:
-            epoch, in_epoch = divmod(state["step"], plan.steps_per_epoch)
-            _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype, tracker, ckpt_dir)
-            if state["step"] % plan.steps_per_epoch:      # stopped inside an epoch by train.max_steps
-                _save(engine, ckpt_dir, state, info)
-                break
-            last = epoch + 1 == config.train.epochs
-            if last or (epoch + 1) % config.train.eval_every == 0:
+    metrics, evaluated = {}, None      # evaluated: the step of the latest evaluation
+    # SIGTERM/SIGINT from here on: noted, and training stops at the next step boundary on every rank
+    with _StopSignals() as stop:
+        try:
+            if config.train.eval_first and state["step"] == 0:
                 metrics = _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
-                                    missing_too=last and config.train.eval_missing,
-                                    steps_per_epoch=plan.steps_per_epoch)
-            if config.train.ckpt_every == 0 or last:
-                _save(engine, ckpt_dir, state, info)
-    except BaseException:
-        tracker.close("FAILED")
-        raise
+                                    missing_too=False, keep_best=False)
+                if info.is_main:
+                    (out_dir / "metrics_untrained.json").write_text(json.dumps(metrics, indent=2))
+            end = min(plan.total_steps, config.train.max_steps or plan.total_steps)
+            while state["step"] < end:
+                epoch, in_epoch = divmod(state["step"], plan.steps_per_epoch)
+                _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype, tracker, ckpt_dir,
+                             stop=stop)
+                if stop.agreed or state["step"] % plan.steps_per_epoch:   # a signal, or max_steps inside an epoch
+                    break
+                last = epoch + 1 == config.train.epochs
+                if last or (epoch + 1) % config.train.eval_every == 0:
+                    metrics = _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
+                                        missing_too=last and config.train.eval_missing,
+                                        steps_per_epoch=plan.steps_per_epoch)
+                    evaluated = state["step"]
+                if config.train.ckpt_every == 0 or last:
+                    _save(engine, ckpt_dir, state, info)
+            if stop.agreed or state["step"] < plan.total_steps:     # stopped early: a signal or train.max_steps
+                metrics = _stop_early(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
+                                      stop.agreed, metrics, evaluated)
+        except BaseException:
+            tracker.close("FAILED")
+            raise
+        # the latest evaluation; a stop without one (train.eval_on_stop=false) keeps the file it has
+        if info.is_main and (metrics or not (out_dir / "metrics.json").exists()):
+            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if stop.agreed:
+            # not finished: the resumed run finalises (no export or plots inside the launcher's grace period)
+            tracker.close("KILLED")
+            # a barrier: rank 0's files are written before any rank exits (a launcher stops all when one exits)
+            D.agree_max(0, info.device)
+            raise StoppedBySignal(stop.agreed, state["step"])
+        if info.is_main:
+            finalize_run(tracker, out_dir=out_dir, ckpt_dir=ckpt_dir, shards=config.data.shards, manifest=manifest,
+                         config=config)
+        tracker.close("FINISHED")
+    return metrics
+
+
+def _resume_tag(ckpt_dir: Path) -> str:
+    found = ckpt.read_pointer(ckpt_dir, "latest")
+    if found is None:
+        raise MissingFileError(f"--resume: no complete checkpoint under {ckpt_dir} (a 'latest' file naming a "
+                               f"step folder with COMPLETE); start without --resume, or check train.out_dir")
+    return found
+
+
+def _agree_on_setup(failure: UserError | None) -> None:
+    """Collective: raise SetupError on every rank when any rank failed its setup (the lowest rank's message)."""
+    first = D.first_failure(None if failure is None else str(failure))
+    if first is not None:
+        rank, message = first
+        raise SetupError(message if rank == 0 else f"rank {rank}: {message}") from failure
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT, while training: noted, and acted on at the next step boundary, where the ranks agree
+    (D.agree_max) so that every rank stops after the same step, also when the signal reached only some of them
+    or reached them in different steps. A second SIGINT interrupts at once (KeyboardInterrupt).
+
+    The main thread blocks both signals (a handler notes them when another thread takes one; the step boundary
+    also collects one left pending), and DataLoader workers, forked from it, inherit the block: torch's worker
+    handler makes a worker die of a SIGTERM that is not its rank's, and its rank would then raise ("DataLoader
+    worker ... is killed by signal") wherever it is instead of saving. A scheduler, `kill -TERM -PGID` and
+    DeepSpeed's launcher (terminate_process_tree) all signal the workers too. Loaders end their workers
+    without signals; an exit hook ends those an exception left behind (_end_workers_at_exit)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = 0     # the first signal this process got (0: none)
+        self.agreed = 0       # the signal every rank stopped on (0: none)
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # signal.signal works only there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+            atexit.unregister(_end_workers_at_exit)    # once, and after multiprocessing's (LIFO)
+            atexit.register(_end_workers_at_exit)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)   # one still pending reaches _handle
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+            self._previous = {}
+
+    def _handle(self, signum, frame=None):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.received:
+            self.received = signum
+            # os.write: logging is not safe inside a signal handler
+            os.write(2, f"rank {os.environ.get('RANK', '0')}: {signal.Signals(signum).name} received: stopping "
+                        f"after this step with a checkpoint\n".encode())
+
+    def check(self, device) -> int:
+        """Collective, at every step boundary on every rank: the signal to stop on, 0 to go on."""
+        if self._previous and not self.received:
+            pending = signal.sigpending() & set(self.SIGNALS)   # blocked in every thread: still pending
+            if pending:
+                self._handle(signal.sigwait(pending))
+        self.agreed = D.agree_max(self.received, device)
+        return self.agreed
+
+
+def _end_workers_at_exit() -> None:
+    """At exit, SIGKILL the DataLoader workers still alive: those of a loader an exception left behind (its
+    traceback holds it). They block SIGTERM (_StopSignals), so multiprocessing's own exit hook, which
+    SIGTERMs its daemonic children and then joins them, would wait forever. Runs before that hook (LIFO)."""
+    import multiprocessing
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # torch's handler would raise for each
+        for p in workers:
+            p.kill()
+        for p in workers:
+            p.join(timeout=10)
+
+
+def _stop_early(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir, signum, metrics, evaluated):
+    """A run stopped before its last step, by train.max_steps or a signal: the checkpoint first (after a signal
+    the launcher allows its ranks 30 s before SIGKILL), then, with train.eval_on_stop, the final evaluation
+    (after a signal: full modalities only). It is a record, not a candidate for the best checkpoint."""
+    why = signal.Signals(signum).name if signum else f"train.max_steps={config.train.max_steps}"
     if info.is_main:
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        finalize_run(tracker, out_dir=out_dir, ckpt_dir=ckpt_dir, shards=config.data.shards, manifest=manifest,
-                     config=config)
-    tracker.close("FINISHED")
+        log.info("stopping after step %d (%s): saving a checkpoint", state["step"], why)
+    tag = _save(engine, ckpt_dir, state, info)
+    if config.train.eval_on_stop and evaluated != state["step"]:
+        metrics = _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
+                            missing_too=config.train.eval_missing and not signum, keep_best=False)
+    if info.is_main:
+        log.info("stopped after step %d (%s); checkpoint %s; --resume continues the run", state["step"], why,
+                 ckpt_dir / tag)
     return metrics
 
 
@@ -157,7 +298,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype, tracker, ckpt_dir):
+def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype, tracker, ckpt_dir, stop=None):
     # Each item is this rank's share of one global P x K batch: its slice of every micro step (see stream/).
     loader = train_loader(config.data.shards, global_batch=config.train.global_batch,
                           num_instances=config.data.num_instances, img_size=config.model.img_size,
@@ -196,11 +337,12 @@ def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype,
             window["samples"] += images.shape[0] * info.world_size
         state["step"] += 1
         bar.update(1)
-        if state["step"] % config.train.log_every == 0 or state["step"] == end:
+        stopping = stop is not None and stop.check(info.device)   # every rank, every step: one tiny all-reduce
+        if state["step"] % config.train.log_every == 0 or state["step"] == end or stopping:
             _log_step(engine, parts, state, window, info, tracker, bar, Path(config.train.out_dir))
         if config.train.ckpt_every and state["step"] % config.train.ckpt_every == 0:
             _save(engine, ckpt_dir, state, info)
-        if state["step"] % plan.steps_per_epoch == 0 or state["step"] == end:
+        if state["step"] % plan.steps_per_epoch == 0 or state["step"] == end or stopping:
             break
     bar.close()
 
@@ -275,12 +417,19 @@ def _log_step(engine, parts, state, window, info, tracker, bar, out_dir: Path):
 def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir, missing_too, keep_best=True,
               steps_per_epoch=1):
     settings = [""] + (list(MISSING_SETTINGS) if missing_too and manifest["dataset"] == "rgbnt201" else [])
-    results = evaluate_settings(engine, config.data.shards, manifest, settings, **eval_kw)
+    # A split damaged beyond data.max_damaged_share raises DamagedSplitError on every rank: the run stops.
+    results = evaluate_settings(engine, config.data.shards, manifest, settings,
+                                **{"max_damaged_share": config.data.max_damaged_share, **eval_kw})
     metrics = {}
     if info.is_main:
         for missing, r in results.items():
             suffix = f"_missing_{missing}" if missing else ""
-            metrics.update({f"{k}{suffix}": v for k, v in r.items()})
+            # the damaged counts belong to the data, not the setting: logged once, also when 0
+            metrics.update({f"{k}{suffix}" if not k.startswith("damaged_") else k: v for k, v in r.items()})
+        if metrics.get("damaged_query") or metrics.get("damaged_gallery"):
+            log.warning("evaluation at step %d left out damaged samples: %d of the query, %d of the gallery "
+                        "(the reader's warnings name their shards)", state["step"], metrics["damaged_query"],
+                        metrics["damaged_gallery"])
         # the trivial baseline beside every evaluation (cached per shard set: computed once)
         pixel = pixel_baseline(config.data.shards, manifest, config.model.img_size,
                                batch_size=config.data.eval_batch, num_workers=config.data.num_workers)
@@ -314,7 +463,11 @@ def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
 def _save(engine, ckpt_dir, state, info) -> str:
     tag = f"step{state['step']:08d}"
     if ckpt.read_pointer(ckpt_dir, "latest") != tag:
-        ckpt.save(engine, ckpt_dir, tag, state, info.rank)
+        try:
+            ckpt.save(engine, ckpt_dir, tag, state, info.rank)
+        except ckpt.CheckpointError:
+            # every rank at once; rank 0 logged the one-line reason (a full disk: where, how much, --resume)
+            raise SystemExit(1) from None
     return tag
 
 

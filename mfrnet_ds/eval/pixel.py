@@ -3,7 +3,9 @@
 Each sample becomes one vector, its three modalities resized (as evaluation resizes them) to 1/8 of the model's
 input size and flattened (3 x 3 x 32 x 16 = 4,608 values at 256x128), L2-normalised and scored exactly like a
 model embedding. Computed once per shard set and size and cached in the shard folder
-(`pixel_baseline_<H>x<W>.json`; where that folder is read-only it is recomputed per run).
+(`pixel_baseline_<H>x<W>.json`; where that folder is read-only it is recomputed per run). Damaged samples are
+left out as in the model's evaluation (eval/embed.py); a baseline computed on damaged shards is not written
+to the cache (once the shards are repaired it is computed on all samples), only kept for this process.
 """
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ def pixel_baseline(shards: str | Path, manifest: dict, img_size, *, batch_size: 
     gallery = query if same_shards(manifest) else extract(PixelEmbedding(), shards, "gallery", **kw)
     result = score(query, gallery, manifest["dataset"])
     _COMPUTED[key] = result
+    damaged = len(query["damaged"]) + (0 if gallery is query else len(gallery["damaged"]))
+    if damaged:
+        log.info("pixel baseline computed without %d damaged sample(s): not cached in %s", damaged, shards)
+        return result
     try:
         tmp = cache.with_name(f".{cache.name}.tmp")
         tmp.write_text(json.dumps(result, indent=2))

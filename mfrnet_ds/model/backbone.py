@@ -17,7 +17,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, _convert_openai_clip
 from torch import nn
 
-from mfrnet_ds.config import FRMConfig, expert_hidden
+from mfrnet_ds.config import BadFileError, FRMConfig, MissingFileError, expert_hidden
 from mfrnet_ds.model.moe import Expert, SparseMoE
 from mfrnet_ds.model.presets import Preset
 
@@ -92,7 +92,7 @@ def read_weights_file(path: str | Path) -> WeightsFile:
     """`read_weights` plus what the file records about itself (see `WeightsFile`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path} do not exist (nothing is downloaded: give a local file)")
+        raise MissingFileError(f"pretrained weights {path} do not exist (nothing is downloaded: give a local file)")
     if _is_torchscript(path):
         sd = {k: v.detach() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
         if any(k.startswith("visual.") for k in sd):
@@ -104,15 +104,15 @@ def read_weights_file(path: str | Path) -> WeightsFile:
             top = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several kinds for a file it cannot read
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{path}: not a PyTorch checkpoint/state dict nor a CLIP TorchScript archive "
-                         f"({type(e).__name__}: {first})") from e
+        raise BadFileError(f"{path}: not a PyTorch checkpoint/state dict nor a CLIP TorchScript archive "
+                             f"({type(e).__name__}: {first})") from e
     obj, wrappers = top, []
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj, wrappers = obj[key], wrappers + [key]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (or a CLIP TorchScript archive), found "
-                         f"{type(obj).__name__}")
+        raise BadFileError(f"{path}: expected a state dict of tensors (or a CLIP TorchScript archive), found "
+                             f"{type(obj).__name__}")
     if not wrappers:
         return WeightsFile(obj, "plain state dict")
     activation, source = _recorded_activation(top)
@@ -237,8 +237,8 @@ def load_pretrained(vit: VisionTransformer, path: str | Path,
     bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if bad:
         k = bad[0]
-        raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)} "
-                         f"(wrong preset?); {len(bad)} mismatched tensors in all")
+        raise BadFileError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)} "
+                             f"(wrong preset?); {len(bad)} mismatched tensors in all")
 
     frm = [i for i, block in enumerate(vit.blocks) if isinstance(block.mlp, SparseMoE)]
     new = tuple(f"blocks.{i}.mlp." for i in frm)  # experts and routers
@@ -249,15 +249,15 @@ def load_pretrained(vit: VisionTransformer, path: str | Path,
     bad_missing = [k for k in missing if not k.startswith(new)]
     bad_unexpected = [k for k in unexpected if k not in replaced]
     if not assigned:
-        raise ValueError(f"{path}: none of its tensors belongs to this backbone (found a {container}; its keys: "
-                         f"{_few(list(file.state_dict))}); expected OpenAI CLIP / open_clip `visual.*` keys or timm "
-                         f"ViT keys ({_few(list(own))})")
+        raise BadFileError(f"{path}: none of its tensors belongs to this backbone (found a {container}; its keys: "
+                             f"{_few(list(file.state_dict))}); expected OpenAI CLIP / open_clip `visual.*` keys "
+                             f"or timm ViT keys ({_few(list(own))})")
     if bad_missing or bad_unexpected:
         def in_file(k: str) -> str:  # a missing key as the file would have named it
             return f"{k} ({a.clip_prefix}{_clip_name(k)})" if a.clip_prefix is not None else k
 
         experts = ", ".join(f"blocks.{i}.mlp.moe.*" for i in frm) or "none"
-        raise ValueError(
+        raise BadFileError(
             f"{path}: does not fit this backbone (found {found}, {len(assigned)} of them ours): "
             f"{len(bad_missing)} backbone tensors missing" + (f" ({_few([in_file(k) for k in bad_missing])})"
                                                               if bad_missing else "")
@@ -270,8 +270,8 @@ def load_pretrained(vit: VisionTransformer, path: str | Path,
         raise ValueError(f"activation={activation!r}: expected one of {ACTIVATIONS}")
     configured = activation or _activation_of(vit)
     if file.activation and configured and file.activation != configured:
-        raise ValueError(f"{path}: the weights use {file.activation} ({file.activation_source}) but "
-                         f"model.activation={configured}; set model.activation={file.activation}")
+        raise BadFileError(f"{path}: the weights use {file.activation} ({file.activation_source}) but "
+                             f"model.activation={configured}; set model.activation={file.activation}")
 
     result = vit.load_state_dict(sd, strict=False)
     log.info("pretrained %s: %s; loaded %d backbone tensors, %d expected missing (FRM experts/routers), "

@@ -32,7 +32,11 @@ does not depend on which rank holds the sample and the caller's RNG is untouched
 Evaluation (`eval_loader`). Positions 0..N-1 of the split (shard order, then stored order) are cut
 into `world_size` contiguous ranges; every rank yields ceil(ceil(N / world) / batch) full batches,
 padding with repeats of its first sample marked invalid. A rank's workers take contiguous blocks of
-its batches. Damaged samples come back as zero images with valid = False and ids -1.
+its batches. A damaged sample (cut from its shard, incomplete, or not decoding) keeps its row, so the
+batch count and shapes stay what every rank expects, but the row holds a blank stand-in: a zero image,
+camid 0 (in range for any camera embedding), pid and sceneid -1, valid = False and damaged = True.
+The stand-in goes through the model like padding and is dropped after the gather (eval/embed.py);
+`EvalStream.shard_of` names the shard of a position, for the report of what was damaged.
 """
 from __future__ import annotations
 
@@ -340,6 +344,7 @@ class EvalStream(IterableDataset):
                     got, item = next(found)
                     cache[got] = item
             items = [cache[p] for p, _ in batch]
+            # padding repeats a position: if that sample is damaged, its repeats hold the blank stand-in too
             yield {
                 "images": default_collate([it[0] for it in items]),
                 "pids": torch.tensor([it[1] for it in items], dtype=torch.int64),
@@ -347,6 +352,7 @@ class EvalStream(IterableDataset):
                 "sceneids": torch.tensor([it[3] for it in items], dtype=torch.int64),
                 "index": torch.tensor([p for p, _ in batch], dtype=torch.int64),
                 "valid": torch.tensor([v and it[4] for (_, v), it in zip(batch, items)], dtype=torch.bool),
+                "damaged": torch.tensor([v and not it[4] for (_, v), it in zip(batch, items)], dtype=torch.bool),
             }
             for pos, _ in batch:
                 if pos not in repeated:
@@ -385,7 +391,17 @@ class EvalStream(IterableDataset):
         return images, meta["pid"], meta["camid"], meta.get("sceneid", -1), True
 
     def _invalid(self) -> tuple:
-        return torch.zeros(3, 3, *self.img_size), -1, -1, -1, False
+        # camid 0, not -1: the stand-in row goes through the model (SIE looks the camera up) and is dropped after
+        return torch.zeros(3, 3, *self.img_size), -1, 0, -1, False
+
+    def shard_of(self, position: int) -> str:
+        """The shard (file name) that holds `position` of the split."""
+        offset = 0
+        for name, count in self.shards:
+            if position < offset + count:
+                return name
+            offset += count
+        raise IndexError(f"position {position} outside the split's {offset} samples")
 
 
 def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
@@ -418,8 +434,9 @@ def train_loader(shards_dir, *, global_batch: int, num_instances: int, img_size,
 
 def eval_loader(shards_dir, split: str, *, batch_size: int, img_size, rank: int = 0, world_size: int = 1,
                 num_workers: int = 1) -> DataLoader:
-    """Batches {"images", "pids", "camids", "sceneids", "index", "valid"} of exactly batch_size; the
-    same count on every rank; valid=False marks padding and damaged samples."""
+    """Batches {"images", "pids", "camids", "sceneids", "index", "valid", "damaged"} of exactly batch_size;
+    the same count on every rank; valid=False marks padding and damaged samples, damaged=True the damaged
+    ones (blank stand-ins, camid 0: see the module doc)."""
     dataset = EvalStream(shards_dir, split, batch_size=batch_size, img_size=img_size, rank=rank,
                          world_size=world_size, num_workers=num_workers)
     return _loader(dataset, num_workers)

@@ -15,6 +15,7 @@ import torch
 import webdataset as wds
 from torchvision.io import ImageReadMode, decode_image
 
+from mfrnet_ds.config import UserError
 from mfrnet_ds.shards import FORMAT
 
 log = logging.getLogger("mfrnet_ds.stream")
@@ -23,13 +24,16 @@ _REQUIRED = ("format", "dataset", "modalities", "image_size", "num_cameras", "nu
 _SPLITS = ("train", "query", "gallery")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """DIR/manifest.json is missing or not what the builder writes."""
 
 
 def read_manifest(shards_dir) -> dict:
     """The parsed DIR/manifest.json; ManifestError naming the file and the key when it is not valid."""
     path = Path(shards_dir) / "manifest.json"
+    if not Path(shards_dir).is_dir():
+        raise ManifestError(f"shard folder {str(shards_dir) or '(none given)'} does not exist; build the shards "
+                            "first (python shards/build.py ...) or point data.shards at them")
     if not path.is_file():
         raise ManifestError(f"{path}: not found; build the shards first (python shards/build.py ...); "
                             "a folder without it is not a finished build")

@@ -141,6 +141,12 @@ def all_ranks(value):
     return values
 
 
+def first_failure(message: str | None) -> tuple[int, str] | None:
+    """(rank, message) of the lowest rank whose `message` is not None, on every rank; None when no rank has one.
+    Once per run: the ranks agree that their setup succeeded."""
+    return next(((rank, m) for rank, m in enumerate(all_ranks(message)) if m is not None), None)
+
+
 # ---- DeepSpeed's CPU shared-memory segments (see the module docstring) -----------------------------------
 
 SHM_DIR = Path("/dev/shm")
@@ -215,16 +221,6 @@ def _mapped_inodes(pid: int | str) -> dict[str, int]:
                 if len(fields) == 6:
                     found[fields[5].rstrip("\n")] = int(fields[4])
     return found
-
-
-def first_failure(message: str | None) -> tuple[int, str] | None:
-    """(rank, message) of the lowest rank whose `message` is not None, on every rank; None when no rank has one.
-    One all-gather of small objects, once per run: the ranks agree that their setup succeeded."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return None if message is None else (0, message)
-    messages = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
-    return next(((rank, m) for rank, m in enumerate(messages) if m is not None), None)
 
 
 def _free_port() -> int:

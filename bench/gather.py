@@ -19,7 +19,7 @@ import torch
 
 from mfrnet_ds import build_model, load_config
 from mfrnet_ds.engine import dist as D
-from mfrnet_ds.engine.loop import step_losses
+from mfrnet_ds.engine.step import step_losses
 from mfrnet_ds.engine.loss import compute_losses
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
 

@@ -41,6 +41,7 @@ def main(argv=None) -> int:
 
     from mfrnet_ds.engine import dist as D
     from mfrnet_ds.engine.loop import SetupError, StoppedBySignal, train
+    from mfrnet_ds.engine.step import NonFiniteLoss
 
     info = D.init_distributed(args.local_rank, timeout_s=config.train.collective_timeout_s)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
@@ -50,11 +51,16 @@ def main(argv=None) -> int:
     except SetupError as e:       # raised on every rank at the same point
         if info.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        D.agree_max(0, info.device)   # a barrier: no rank exits (and has the launcher stop rank 0) before it printed
+        D.agree_max(0)   # a barrier: no rank exits (and has the launcher stop rank 0) before it printed
         return 2
     except UserError as e:        # met by this rank during training
         print(f"error: rank {info.rank}: {e}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteLoss as e:    # raised on every rank at the same step boundary, before any checkpoint of it
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        D.agree_max(0)
+        return 1
     except StoppedBySignal as e:  # checkpoint saved (rank 0 logged where): --resume continues the run
         return e.exit_code
     return 0

@@ -39,6 +39,9 @@ from mfrnet_ds.model.moe import expert_parallel_rank
 
 log = logging.getLogger(__name__)
 
+# the process group for host-side agreements: gloo; None = the default group (already gloo on CPUs)
+_HOST: dict = {"group": None}
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -74,6 +77,10 @@ def init_distributed(local_rank: int | None = None, timeout_s: float = 600.0) ->
             # past this barrier every rank has mapped every rank's shm segment: the names can go
             dist.barrier()
             release_shm()
+        elif dist.get_backend() != "gloo":
+            # agreements the host makes (a signal, a setup failure) go over gloo with CPU tensors: over NCCL
+            # each would be a device tensor read back, a host sync in every step
+            _HOST["group"] = dist.new_group(backend="gloo", timeout=timeout)
     acc = get_accelerator()
     lr = int(os.environ.get("LOCAL_RANK", 0))
     if acc.device_name() == "cuda":
@@ -120,15 +127,50 @@ class _GatherRows(torch.autograd.Function):
         return grad[start:start + ctx.rows]
 
 
-def agree_max(value: int, device: torch.device) -> int:
-    """The largest of every rank's `value`, on every rank (one small all-reduce). The stop check at each step
-    boundary: a signal that reached only some ranks, or reached them inside different steps, still makes every
-    rank stop after the same step."""
+def agree_max(value: int) -> int:
+    """The largest of every rank's `value`, on every rank (one small all-reduce of a host tensor over gloo: no
+    device sync). The stop check at each step boundary: a signal that reached only some ranks, or reached them
+    inside different steps, still makes every rank stop after the same step."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    flag = torch.tensor([value], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = torch.tensor([value], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_HOST["group"])
     return int(flag.item())
+
+
+def reduce_min_(x: torch.Tensor) -> torch.Tensor:
+    """In place: the element-wise minimum over every rank of a device tensor (the first non-finite step)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x
+
+
+def reduce_sum_(x: torch.Tensor) -> torch.Tensor:
+    """In place: the element-wise sum over every rank of a device tensor (logged scalars, expert counts)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether `x` is finite on every rank (a host read: train.on_nan=skip decides before backward)."""
+    flag = (~torch.isfinite(x)).any().to(torch.int32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast_from_main(value: float) -> float:
+    """Rank 0's `value` on every rank (a host value: over gloo, no device sync)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    x = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(x, src=0, group=_HOST["group"])
+    return x.item()
 
 
 def all_ranks(value):
@@ -137,7 +179,7 @@ def all_ranks(value):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [value]
     values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=_HOST["group"])
     return values
 
 

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from mfrnet_ds.config import Config, ConfigError, MissingFileError, UserError, derive_batch
 from mfrnet_ds.engine import ckpt
 from mfrnet_ds.engine import dist as D
-from mfrnet_ds.engine.loss import compute_losses
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
+from mfrnet_ds.engine.step import FiniteGuard, StepSettings, train_step
 from mfrnet_ds.eval.embed import evaluate_settings, format_table
 from mfrnet_ds.eval.health import collapse_warning
 from mfrnet_ds.eval.pixel import pixel_baseline
@@ -37,10 +36,6 @@ log = logging.getLogger("mfrnet_ds.train")
 
 # How batches are drawn; saved in checkpoints so a resume can tell a run that drew them another way.
 SAMPLER = "global-pk-v1"
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 class SetupError(UserError):
@@ -183,7 +178,7 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
             # not finished: the resumed run finalises (no export or plots inside the launcher's grace period)
             tracker.close("KILLED")
             # a barrier: rank 0's files are written before any rank exits (a launcher stops all when one exits)
-            D.agree_max(0, info.device)
+            D.agree_max(0)
             raise StoppedBySignal(stop.agreed, state["step"])
         if info.is_main:
             finalize_run(tracker, out_dir=out_dir, ckpt_dir=ckpt_dir, shards=config.data.shards, manifest=manifest,
@@ -251,13 +246,13 @@ class _StopSignals:
             os.write(2, f"rank {os.environ.get('RANK', '0')}: {signal.Signals(signum).name} received: stopping "
                         f"after this step with a checkpoint\n".encode())
 
-    def check(self, device) -> int:
+    def check(self) -> int:
         """Collective, at every step boundary on every rank: the signal to stop on, 0 to go on."""
         if self._previous and not self.received:
             pending = signal.sigpending() & set(self.SIGNALS)   # blocked in every thread: still pending
             if pending:
                 self._handle(signal.sigwait(pending))
-        self.agreed = D.agree_max(self.received, device)
+        self.agreed = D.agree_max(self.received)
         return self.agreed
 
 
@@ -310,100 +305,63 @@ def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype,
     bar = tqdm(total=plan.steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{config.train.epochs}",
                disable=not info.is_main, dynamic_ncols=True)
     engine.train()
+    how = StepSettings(micro=plan.micro, accum=plan.accum, device=info.device, dtype=dtype, loss=config.loss,
+                       on_nan=config.train.on_nan)
+    guard = FiniteGuard(info.device)
     window = {"t0": time.perf_counter(), "samples": 0}
     for batch in batches:
-        skip_update = False
-        for micro in range(plan.accum):
-            rows = slice(micro * plan.micro, (micro + 1) * plan.micro)
-            images = batch["images"][rows].to(info.device, dtype=dtype, non_blocking=True)
-            parts = step_losses(engine, images, batch["camids"][rows].to(info.device),
-                                batch["labels"][rows].to(info.device), config.loss)
-            loss = parts["loss"]
-            if not _all_finite(loss, info):
-                msg = f"non-finite loss at step {state['step'] + 1} (epoch {epoch + 1}): " + \
-                      ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                if config.train.on_nan == "stop":
-                    raise NonFiniteLoss(msg + "; set train.on_nan=skip to skip such batches")
-                if info.is_main:
-                    log.warning("%s; this step's update is skipped", msg)
-                # Backward and step still run on every rank, so DeepSpeed's accumulation and gradient reduction
-                # stay in step: a zero loss over every parameter now, and a zero learning rate at the boundary.
-                loss = sum(p.view(-1)[0] * 0 for p in engine.module.parameters() if p.requires_grad)
-                skip_update = True
-            engine.backward(loss)
-            if skip_update and micro == plan.accum - 1:
-                _zero_lr(engine)   # the scheduler sets the next step's lrs again inside engine.step()
-            engine.step()
-            window["samples"] += images.shape[0] * info.world_size
+        parts = train_step(engine, batch, how, state["step"] + 1, guard)
+        window["samples"] += batch["images"].shape[0] * info.world_size
         state["step"] += 1
         bar.update(1)
-        stopping = stop is not None and stop.check(info.device)   # every rank, every step: one tiny all-reduce
-        if state["step"] % config.train.log_every == 0 or state["step"] == end or stopping:
+        stopping = stop is not None and stop.check()   # every rank, every step: one tiny host all-reduce
+        logging_step = state["step"] % config.train.log_every == 0 or state["step"] == end or stopping
+        saving = config.train.ckpt_every and state["step"] % config.train.ckpt_every == 0
+        last_of_epoch = state["step"] % plan.steps_per_epoch == 0 or state["step"] == end or stopping
+        if logging_step or saving or last_of_epoch:
+            guard.check()   # the device flag, read where the step's results are read anyway
+        if logging_step:
             _log_step(engine, parts, state, window, info, tracker, bar, Path(config.train.out_dir))
-        if config.train.ckpt_every and state["step"] % config.train.ckpt_every == 0:
+        if saving:
             _save(engine, ckpt_dir, state, info)
-        if state["step"] % plan.steps_per_epoch == 0 or state["step"] == end or stopping:
+        if last_of_epoch:
             break
     bar.close()
 
 
-def step_losses(model, images: torch.Tensor, camids: torch.Tensor, labels: torch.Tensor, cfg) -> dict:
-    """Forward this rank's slice of a global micro batch -> the loss parts of the WHOLE global micro batch.
-
-    Mining and BNNeck see every rank's features (gathered; gradients flow back to the rank that made them),
-    so the losses, and with DeepSpeed's gradient averaging the update, do not depend on the number of
-    ranks. `model` is a DeepSpeed engine or a plain MFRNet."""
-    out = model(images, camids)
-    features = [D.gather_batch(f) for f in out.features]
-    logits = getattr(model, "module", model).classify(features)
-    return compute_losses(logits, features, D.gather_batch(labels), out.aux_loss, cfg)
-
-
-def _zero_lr(engine) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = 0.0
-
-
-def _all_finite(loss: torch.Tensor, info) -> bool:
-    # Every rank must agree to skip: the MoE all-to-all in backward needs all ranks.
-    flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
-    if info.world_size > 1:
-        dist.all_reduce(flag)
-    return flag.item() == 0
-
-
 def _log_step(engine, parts, state, window, info, tracker, bar, out_dir: Path):
     elapsed = time.perf_counter() - window["t0"]
-    values = {k: v.detach().float() for k, v in parts.items()}
-    stacked = torch.stack(list(values.values()))
     moe = engine.module.moe_stats()
-    counts = [s["counts"].float() for s in moe.values()]
-    # per layer: dropped fraction and balance loss (DeepSpeed's, from this rank's tokens), averaged over ranks
-    per_layer = torch.stack([torch.stack([s["dropped"].float(), s["balance"]]) for s in moe.values()]) \
-        if moe else torch.zeros(0, 2)
-    if info.world_size > 1:   # average over ranks; expert counts summed (each rank routes its own tokens)
-        dist.all_reduce(stacked)
-        stacked /= info.world_size
-        for c in counts:
-            dist.all_reduce(c)
-        dist.all_reduce(per_layer)
-        per_layer /= info.world_size
+    # One vector, summed over the ranks in one all-reduce and read back in one transfer: the loss parts and, per
+    # layer, the dropped fraction and the balance loss (DeepSpeed's, from this rank's tokens), all averaged over
+    # the ranks, then every layer's expert counts, summed (each rank routes its own tokens).
+    averaged = [v.detach().float() for v in parts.values()]
+    for s in moe.values():
+        averaged += [s["dropped"].float(), s["balance"].float()]
+    flat = D.reduce_sum_(torch.cat([torch.stack(averaged), *[s["counts"].float() for s in moe.values()]]))
     if not info.is_main:
         window.update(t0=time.perf_counter(), samples=0)
         return
-    metrics = dict(zip(values, stacked.tolist()))
+    values = flat.tolist()
+    means = [v / info.world_size for v in values[:len(averaged)]]
+    counts = values[len(averaged):]
+    metrics = dict(zip(parts, means))
     metrics["lr"] = engine.get_lr()[0]
     grad_norm = engine.get_global_grad_norm()   # DeepSpeed computes it where it clips (train.grad_clip > 0)
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     metrics["samples_per_s"] = window["samples"] / max(elapsed, 1e-9)
     loads = []
-    for (name, _), c, (d, balance) in zip(moe.items(), counts, per_layer.tolist()):
-        share = (c / c.sum().clamp_min(1)).tolist()
-        metrics.update({f"expert_load/{name}/{e}": s for e, s in enumerate(share)})
+    per_layer = means[len(parts):]
+    for i, (name, s) in enumerate(moe.items()):
+        c = counts[:len(s["counts"])]
+        counts = counts[len(s["counts"]):]
+        share = [x / max(sum(c), 1) for x in c]
+        d, balance = per_layer[2 * i], per_layer[2 * i + 1]
+        metrics.update({f"expert_load/{name}/{e}": x for e, x in enumerate(share)})
         metrics[f"dropped/{name}"] = d
         metrics[f"balance/{name}"] = balance
-        loads.append(f"{name}[{' '.join(f'{s:.2f}' for s in share)}] drop {d:.2f}")
+        loads.append(f"{name}[{' '.join(f'{x:.2f}' for x in share)}] drop {d:.2f}")
     tracker.log_metrics(metrics, state["step"])
     with open(out_dir / "train_log.jsonl", "a") as f:   # plain-text record next to the tracker's
         f.write(json.dumps({"step": state["step"], "time": time.time(), **metrics}) + "\n")
@@ -441,12 +399,10 @@ def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir,
         warning = collapse_warning(results[""])
         if warning and state["step"] > 0:
             log.warning("step %d: %s", state["step"], warning)
-    best = torch.tensor([metrics.get("mAP", -1.0) if info.is_main else 0.0], device=info.device)  # NCCL: on device
-    if info.world_size > 1:
-        dist.broadcast(best, src=0)
-    if keep_best and best.item() > state["best_map"]:
+    best = D.broadcast_from_main(metrics.get("mAP", -1.0) if info.is_main else 0.0)
+    if keep_best and best > state["best_map"]:
         # the reference reports the best evaluation of a run; its checkpoint is kept as "best"
-        state["best_map"] = best.item()
+        state["best_map"] = best
         if info.is_main:
             state["best"] = {"epoch": state["step"] // steps_per_epoch,
                              **{k: metrics[k] for k in ("mAP", "R1", "R5", "R10") if k in metrics}}

@@ -18,10 +18,11 @@ def batch_hard_triplet(feat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     same = labels[:, None] == labels[None, :]
     hardest_pos = (dist * same).amax(dim=1)
     hardest_neg = dist.masked_fill(same, float("inf")).amin(dim=1)
-    valid = torch.isfinite(hardest_neg)          # an anchor with no negative in the batch has no triplet
-    if not valid.any():
-        return feat.new_zeros(())
-    return F.softplus(hardest_pos[valid] - hardest_neg[valid]).mean()
+    # An anchor with no negative in the batch has no triplet: masked out without a branch (an `if` on a device
+    # value would be a host sync in every step); no anchor with one gives 0.
+    valid = torch.isfinite(hardest_neg)
+    margin = hardest_pos - torch.where(valid, hardest_neg, hardest_pos)
+    return (F.softplus(margin) * valid).sum() / valid.sum().clamp(min=1)
 
 
 def compute_losses(logits: list[torch.Tensor], features: list[torch.Tensor], labels: torch.Tensor,

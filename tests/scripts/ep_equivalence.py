@@ -10,7 +10,7 @@ import torch
 
 from mfrnet_ds import build_model, load_config
 from mfrnet_ds.engine import dist as D
-from mfrnet_ds.engine.loop import step_losses
+from mfrnet_ds.engine.step import FiniteGuard, StepSettings, train_step
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
 from mfrnet_ds.model.moe import shard_state_dict
 
@@ -47,11 +47,12 @@ diff = max((got - want).abs().max().item(), (got_missing - want_missing).abs().m
 
 engine.train()
 losses = []
+how = StepSettings(micro=8, accum=1, device=info.device, dtype=D.engine_dtype(engine), loss=cfg.loss)
+guard = FiniteGuard(info.device)
 for step in range(10):
-    parts = step_losses(engine, images, camids, labels, cfg.loss)
-    engine.backward(parts["loss"])
-    engine.step()
+    parts = train_step(engine, {"images": images, "camids": camids, "labels": labels}, how, step + 1, guard)
     losses.append(parts["loss"].item())
+guard.check()
 local = [n for n, _ in engine.module.named_parameters() if ".deepspeed_experts." in n and n.startswith("vit.")]
 Path(args.out).mkdir(parents=True, exist_ok=True)
 Path(args.out, f"rank{info.rank}.json").write_text(json.dumps(

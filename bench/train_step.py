@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="triplets per step (default: 16 CPU, 64 CUDA)")
     ap.add_argument("--k", type=int, default=4, help="instances per identity")
     ap.add_argument("--img", type=int, nargs=2, default=[256, 128])
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="train.compile for the trainer's side: torch.compile its dense ViT blocks (auto: CUDA only)")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 CPU, bf16 CUDA")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -110,6 +112,8 @@ def main(argv=None) -> int:
               "zero_optimization": {"stage": 1 if cuda else 0}, "bf16": {"enabled": dtype == torch.bfloat16},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
     ds_model = build_model(cfg).to(device)
+    if args.compile == "on" or (args.compile == "auto" and cuda):   # the trainer's train.compile rule
+        ds_model.compile_dense_blocks()
     engine = D.initialize(ds_model, build_optimizer(param_groups(ds_model, cfg.optim), cfg.optim, device),
                           build_scheduler(10 ** 6, 0, cfg.optim), ds_cfg, info)
     # the trainer's own step function (engine/step.py), fed the same batch as it comes from the loader
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name() if cuda else f"CPU x{os.cpu_count()} ({torch.get_num_threads()} threads)"
     print(f"train step | {dev} | preset {preset} | batch {batch} triplets {cfg.model.img_size[0]}x"
           f"{cfg.model.img_size[1]} | {str(dtype).split('.')[-1]} | {flops / 1e9:.1f} GFLOP/step | "
-          f"median of {args.steps} after {args.warmup} warm-up")
+          f"median of {args.steps} after {args.warmup} warm-up | compile {args.compile}")
     print(f"{'loop':<14}{'ms/step':>10}{'samples/s':>12}{'TFLOP/s':>10}{'MFU %':>8}{'vs plain':>10}")
     for name, ms, sps, tf, mfu in rows:
         print(f"{name:<14}{ms:>10.1f}{sps:>12.1f}{tf:>10.3f}{(f'{mfu:.1f}' if mfu is not None else 'n/a'):>8}"

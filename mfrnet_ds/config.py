@@ -160,6 +160,9 @@ class TrainConfig:
     eval_on_stop: bool = True               # a run stopped early (train.max_steps, SIGTERM) still evaluates
     deepspeed_config: str = "ds_configs/cpu.json"
     collective_timeout_s: float = 600.0     # a rank waiting longer than this on the others fails, never hangs
+    # torch.compile the dense ViT blocks (MoE blocks stay eager): "auto" = on CUDA devices only (on the 2-core CPU
+    # it did not pay: bench/RESULTS.md), "on", "off"
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass

@@ -105,6 +105,8 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
         failure = e
     _agree_on_setup(failure)
 
+    if config.train.compile == "on" or (config.train.compile == "auto" and info.device.type == "cuda"):
+        model.compile_dense_blocks()
     groups = param_groups(model, config.optim)
     engine = D.initialize(model, build_optimizer(groups, config.optim, info.device),
                           build_scheduler(plan.total_steps, plan.warmup_steps, config.optim,
@@ -299,7 +301,8 @@ def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype,
                           num_instances=config.data.num_instances, img_size=config.model.img_size,
                           batches_per_epoch=plan.steps_per_epoch, num_workers=config.data.num_workers,
                           seed=config.train.seed, epoch=epoch, rank=info.rank, world_size=info.world_size,
-                          accum=plan.accum, start_batch=in_epoch, aligned=config.data.aligned_augment)
+                          accum=plan.accum, start_batch=in_epoch, aligned=config.data.aligned_augment,
+                          pin_memory=info.device.type == "cuda")
     with torch.random.fork_rng(devices=[]):   # starting the loader must not move the training RNG (resume)
         batches = iter(loader)
     bar = tqdm(total=plan.steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{config.train.epochs}",

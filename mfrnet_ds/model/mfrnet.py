@@ -61,6 +61,14 @@ class MFRNet(nn.Module):
             self.reductions = nn.ModuleList([TokenReduction(P) for _ in MODALITIES])
 
     @property
+    def compile_dense_blocks(self) -> int:
+        """torch.compile every ViT block without an MoE layer, in place (parameters and state-dict keys stay as
+        they are); the MoE blocks stay eager (DeepSpeed's gate and all-to-all). Returns how many were compiled."""
+        dense = [b for b in self.vit.blocks if not isinstance(b.mlp, SparseMoE)]
+        for block in dense:
+            block.compile(dynamic=False)
+        return len(dense)
+
     def moe_layers(self) -> list[SparseMoE]:
         return moe_layers(self)
 

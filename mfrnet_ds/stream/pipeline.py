@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from mfrnet_ds.config import UserError
 from mfrnet_ds.stream import augment as aug
 from mfrnet_ds.stream.reader import Damage, RawSample, decode, iter_shard, read_manifest
 
@@ -413,15 +415,44 @@ def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0).set_(storage).view(shape)
 
 
-def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
-    # batch_size=None: the dataset yields whole batches (P x K is assembled in the stream).
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                      prefetch_factor=2 if num_workers > 0 else None)
+PREFETCH = 2   # batches each worker keeps ready
+
+
+class SharedMemoryError(UserError):
+    pass
+
+
+def check_shared_memory(num_workers: int, batch_bytes: int, shm: str | Path = "/dev/shm") -> None:
+    """Workers hand batches over in shared memory (/dev/shm): with too little of it (Docker's default is 64 MB)
+    a worker dies of SIGBUS in the middle of a batch. Say so before starting them."""
+    if num_workers == 0 or not Path(shm).is_dir():
+        return
+    need = num_workers * (PREFETCH + 1) * batch_bytes   # the batches in flight, and one being filled
+    free = shutil.disk_usage(shm).free
+    if free < need:
+        raise SharedMemoryError(
+            f"{shm} has {free / 2**20:.0f} MiB free, but data.num_workers={num_workers} loader workers hold up "
+            f"to {num_workers * (PREFETCH + 1)} batches of {batch_bytes / 2**20:.0f} MiB there: give the container "
+            f"more (e.g. docker run --shm-size={max(1, math.ceil(2 * need / 2**30))}g) or set data.num_workers "
+            f"lower (0 loads in the training process, without shared memory)")
+
+
+def _loader(dataset: IterableDataset, num_workers: int, batch_bytes: int, pin_memory: bool = False) -> DataLoader:
+    check_shared_memory(num_workers, batch_bytes)
+    # batch_size=None: the dataset yields whole batches (P x K is assembled in the stream). pin_memory (CUDA):
+    # page-locked batches, so the step's non_blocking copies to the device overlap with compute.
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=PREFETCH if num_workers > 0 else None)
+
+
+def _batch_bytes(rows: int, img_size) -> int:
+    return rows * 3 * 3 * int(img_size[0]) * int(img_size[1]) * 4   # float32 triplets
 
 
 def train_loader(shards_dir, *, global_batch: int, num_instances: int, img_size, batches_per_epoch=None,
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                 accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True) -> DataLoader:
+                 accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True,
+                 pin_memory: bool = False) -> DataLoader:
     """This rank's share of each global batch of P ids x K: {"images" (accum x m, 3, 3, H, W) float32,
     "labels", "camids"}, its slice of every micro step in micro order (m = global / (accum x world));
     exactly batches_per_epoch - start_batch of them on every rank. See the module doc."""
@@ -429,7 +460,7 @@ def train_loader(shards_dir, *, global_batch: int, num_instances: int, img_size,
                           batches_per_epoch=batches_per_epoch, num_workers=num_workers, seed=seed, epoch=epoch,
                           rank=rank, world_size=world_size, accum=accum, start_batch=start_batch, augment=augment,
                           aligned=aligned)
-    return _loader(dataset, num_workers)
+    return _loader(dataset, num_workers, _batch_bytes(global_batch // world_size, img_size), pin_memory)
 
 
 def eval_loader(shards_dir, split: str, *, batch_size: int, img_size, rank: int = 0, world_size: int = 1,
@@ -439,4 +470,4 @@ def eval_loader(shards_dir, split: str, *, batch_size: int, img_size, rank: int 
     ones (blank stand-ins, camid 0: see the module doc)."""
     dataset = EvalStream(shards_dir, split, batch_size=batch_size, img_size=img_size, rank=rank,
                          world_size=world_size, num_workers=num_workers)
-    return _loader(dataset, num_workers)
+    return _loader(dataset, num_workers, _batch_bytes(batch_size, img_size))

@@ -12,6 +12,7 @@ import torch
 
 from mfrnet_ds.shards import build
 from mfrnet_ds.stream import augment as aug
+from mfrnet_ds.engine.step import device_images
 from mfrnet_ds.stream.pipeline import TrainStream, eval_loader, read_manifest, train_loader
 from mfrnet_ds.stream.reader import ManifestError
 
@@ -32,7 +33,7 @@ def _one_thread():
 
 def _check_pk(batch, p, k, size=SIZE):
     b = p * k
-    assert batch["images"].shape == (b, 3, 3, *size) and batch["images"].dtype == torch.float32
+    assert batch["images"].shape == (b, 3, 3, *size) and batch["images"].dtype == torch.uint8
     assert batch["labels"].dtype == torch.int64 and batch["camids"].dtype == torch.int64
     assert batch["labels"].shape == batch["camids"].shape == (b,)
     groups = batch["labels"].view(p, k)
@@ -50,9 +51,12 @@ def test_every_global_batch_is_p_ids_by_k_and_every_rank_gets_the_same_count(per
     assert [len(s) for s in shares] == [7, 7]
     for half0, half1 in zip(*shares):
         assert half0["images"].shape[0] == half1["images"].shape[0] == 8
-        batch = {k: torch.cat([half0[k], half1[k]]) for k in half0}
+        batch = {k: torch.cat([half0[k], half1[k]]) for k in ("images", "labels", "camids")}
         _check_pk(batch, 4, 4)
-        assert batch["images"].abs().max() <= 1.0 + 5  # normalised (erasing noise may exceed 1)
+        assert batch["images"].dtype == torch.uint8    # normalised and erased on the device (engine/step.py)
+        for half in (half0, half1):
+            for row, modality, top, left, h, w, _ in half["erase"]:
+                assert 0 <= row < 8 and modality == -1 and top + h <= SIZE[0] and left + w <= SIZE[1]
         assert 0 <= batch["labels"].min() and batch["labels"].max() < 8
     # Default length: train samples // global batch, whatever the world size.
     assert len(train_loader(person_shards, global_batch=16, num_instances=4, img_size=SIZE, num_workers=0,
@@ -74,6 +78,10 @@ def test_ranks_shares_concatenate_to_the_single_process_batch(person_shards, wor
             parts = [s[b][key].view(accum, micro, *s[b][key].shape[1:]) for s in shares]
             rebuilt = torch.cat(parts, dim=1).flatten(0, 1)          # micro step major, then rank
             assert torch.equal(rebuilt, whole[key]), (b, key)
+        # the erased blocks (and their noise seeds) travel with their rows
+        boxes = sorted((m * world_size * micro + r * micro + i, *box) for r, share in enumerate(shares)
+                       for row, *box in share[b]["erase"] for m, i in [divmod(row, micro)])
+        assert boxes == sorted(tuple(box) for box in whole["erase"]), b   # (a worker hands tuples over as lists)
 def test_resize_to_another_input_size(person_shards):
     batch = next(iter(train_loader(person_shards, global_batch=6, num_instances=3, img_size=(128, 64),
                                    num_workers=0)))
@@ -91,6 +99,7 @@ def test_same_arguments_same_batches_and_resume_gives_the_tail(person_shards):
     for a, b, c in zip(full, again, in_process):
         for key in ("images", "labels", "camids"):
             assert torch.equal(a[key], b[key]) and torch.equal(a[key], c[key])
+        assert a["erase"] == b["erase"] == [list(box) for box in c["erase"]]   # workers hand tuples over as lists
     for a, b in zip(full[4:], resumed):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
     assert not all(torch.equal(a["labels"], b["labels"]) for a, b in zip(full, other_epoch))
@@ -151,6 +160,24 @@ def test_one_draw_includes_erasing():
     torch.manual_seed(4)
     out = aug.TripletAugment(SIZE, erase_p=1.0, aligned=False)(flat)
     assert not torch.equal(out[0], out[1])
+
+
+def test_uint8_batches_erased_on_the_device_equal_the_float_path():
+    """What the loader ships (uint8 + boxes), normalised and erased by the train step, is exactly the float
+    sample the host-side path makes from the same draws."""
+    images = [torch.randint(0, 256, (3, 40, 20), generator=torch.Generator().manual_seed(m), dtype=torch.uint8)
+              for m in range(3)]
+    for aligned in (True, False):
+        transform = aug.TripletAugment(SIZE, erase_p=1.0, aligned=aligned)
+        torch.manual_seed(7)
+        on_host = transform(images)
+        torch.manual_seed(7)
+        moved = torch.empty(3, 3, *SIZE, dtype=torch.uint8)
+        boxes = transform.to_uint8(images, moved)
+        assert len(boxes) == (1 if aligned else 3)
+        on_device = aug.erase_(device_images(moved.unsqueeze(0), torch.device("cpu"), torch.float32),
+                               [(0, *box) for box in boxes])[0]
+        assert torch.equal(on_device, on_host)
 
 
 def _train_keys(person_shards):

@@ -2,7 +2,8 @@
 bench/train_step.py and tests/scripts/ep_equivalence.py: what they measure is what trains.
 
 A step takes this rank's share of one global P x K batch ({"images": (accum x micro, 3, 3, H, W) uint8 or
-float, "camids", "labels"}) and, for each micro step: moves its rows to the device, forwards them, computes the
+float, "erase", "camids", "labels"}) and, for each micro step: moves its rows to the device (normalising uint8
+images and filling the erased blocks there), forwards them, computes the
 losses over the whole global micro batch (`step_losses`), backs them up, and lets DeepSpeed step (the
 optimizer steps after the last micro step).
 
@@ -23,6 +24,7 @@ import torch
 from mfrnet_ds.config import LossConfig
 from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.loss import compute_losses
+from mfrnet_ds.stream.augment import erase_
 
 log = logging.getLogger("mfrnet_ds.train")
 
@@ -51,6 +53,7 @@ def train_step(engine, batch: dict, how: StepSettings, step: int, guard: FiniteG
     for i in range(how.accum):
         rows = slice(i * how.micro, (i + 1) * how.micro)
         images = device_images(batch["images"][rows], how.device, how.dtype)
+        erase_(images, [(r - rows.start, *box) for r, *box in batch.get("erase", ()) if rows.start <= r < rows.stop])
         camids = batch["camids"][rows].to(how.device, non_blocking=True)
         labels = batch["labels"][rows].to(how.device, non_blocking=True)
         parts = step_losses(engine, images, camids, labels, how.loss)

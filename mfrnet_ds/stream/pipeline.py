@@ -281,13 +281,16 @@ class TrainStream(IterableDataset):
         return share
 
     def _collate(self, share: list, index: int, transform: aug.TripletAugment) -> dict:
-        images = _empty_batch((len(share), 3, 3, *self.img_size))  # (B, 3 modalities, 3, H, W)
+        # uint8 (B, 3 modalities, 3, H, W); the step normalises on the device and fills the erased blocks there
+        images = _empty_batch((len(share), 3, 3, *self.img_size), torch.uint8)
+        erase = []
         with torch.random.fork_rng(devices=[]):
-            for slot, (q, _, decoded) in zip(images, share):
+            for row, (slot, (q, _, decoded)) in enumerate(zip(images, share)):
                 torch.manual_seed(_sample_seed(self.seed, self.epoch, index, q))
-                transform(decoded, out=slot)
+                erase += [(row, *box) for box in transform.to_uint8(decoded, out=slot)]
         return {
             "images": images,
+            "erase": erase,
             "labels": torch.tensor([s.meta["label"] for _, s, _ in share], dtype=torch.int64),
             "camids": torch.tensor([s.meta["camid"] for _, s, _ in share], dtype=torch.int64),
         }
@@ -406,13 +409,14 @@ class EvalStream(IterableDataset):
         raise IndexError(f"position {position} outside the split's {offset} samples")
 
 
-def _empty_batch(shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 batch tensor; inside a DataLoader worker it is allocated in shared memory, as
-    default_collate does, so handing it to the main process costs no copy."""
+def _empty_batch(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch tensor; inside a DataLoader worker it is allocated in shared memory, as default_collate
+    does, so handing it to the main process costs no copy."""
     if get_worker_info() is None:
-        return torch.empty(shape)
-    storage = torch.empty(0).untyped_storage()._new_shared(math.prod(shape) * 4)
-    return torch.empty(0).set_(storage).view(shape)
+        return torch.empty(shape, dtype=dtype)
+    empty = torch.empty(0, dtype=dtype)
+    storage = empty.untyped_storage()._new_shared(math.prod(shape) * empty.element_size())
+    return empty.set_(storage).view(shape)
 
 
 PREFETCH = 2   # batches each worker keeps ready
@@ -445,22 +449,22 @@ def _loader(dataset: IterableDataset, num_workers: int, batch_bytes: int, pin_me
                       prefetch_factor=PREFETCH if num_workers > 0 else None)
 
 
-def _batch_bytes(rows: int, img_size) -> int:
-    return rows * 3 * 3 * int(img_size[0]) * int(img_size[1]) * 4   # float32 triplets
+def _batch_bytes(rows: int, img_size, element_size: int) -> int:
+    return rows * 3 * 3 * int(img_size[0]) * int(img_size[1]) * element_size
 
 
 def train_loader(shards_dir, *, global_batch: int, num_instances: int, img_size, batches_per_epoch=None,
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
                  accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True,
                  pin_memory: bool = False) -> DataLoader:
-    """This rank's share of each global batch of P ids x K: {"images" (accum x m, 3, 3, H, W) float32,
-    "labels", "camids"}, its slice of every micro step in micro order (m = global / (accum x world));
+    """This rank's share of each global batch of P ids x K: {"images" (accum x m, 3, 3, H, W) uint8,
+    "erase" (the blocks to erase: `augment.erase_`), "labels", "camids"}, its slice of every micro step in micro order (m = global / (accum x world));
     exactly batches_per_epoch - start_batch of them on every rank. See the module doc."""
     dataset = TrainStream(shards_dir, global_batch=global_batch, num_instances=num_instances, img_size=img_size,
                           batches_per_epoch=batches_per_epoch, num_workers=num_workers, seed=seed, epoch=epoch,
                           rank=rank, world_size=world_size, accum=accum, start_batch=start_batch, augment=augment,
                           aligned=aligned)
-    return _loader(dataset, num_workers, _batch_bytes(global_batch // world_size, img_size), pin_memory)
+    return _loader(dataset, num_workers, _batch_bytes(global_batch // world_size, img_size, 1), pin_memory)
 
 
 def eval_loader(shards_dir, split: str, *, batch_size: int, img_size, rank: int = 0, world_size: int = 1,
@@ -470,4 +474,4 @@ def eval_loader(shards_dir, split: str, *, batch_size: int, img_size, rank: int 
     ones (blank stand-ins, camid 0: see the module doc)."""
     dataset = EvalStream(shards_dir, split, batch_size=batch_size, img_size=img_size, rank=rank,
                          world_size=world_size, num_workers=num_workers)
-    return _loader(dataset, num_workers, _batch_bytes(batch_size, img_size))
+    return _loader(dataset, num_workers, _batch_bytes(batch_size, img_size, 4))

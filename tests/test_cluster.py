@@ -220,6 +220,10 @@ def test_pdsh_trains_across_two_nodes_and_resumes(cluster, shards, tmp_path):
         print(f"pdsh run {i}: {wall:.1f}s")
     assert "at step 3" in text, text[-3000:]
     RUNS["pdsh"] = runs[0] + runs[1]
+    # the env file multinode_ssh.sh wrote: named by its content, which holds this session's PATH
+    env_file = text.split(", env file ", 1)[1].split()[0]
+    assert Path(env_file).read_text().startswith("PATH=") and "TORCH_EXTENSIONS_DIR=" in Path(env_file).read_text()
+    Path(env_file).unlink()
 
 
 def test_same_losses_under_slurm_and_pdsh(cluster):
@@ -231,3 +235,19 @@ def test_same_losses_under_slurm_and_pdsh(cluster):
     common = sorted(slurm.keys() & pdsh.keys())
     assert len(common) >= 4, (slurm, pdsh)
     assert [slurm[s] for s in common] == pytest.approx([pdsh[s] for s in common], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("value", ["pa$$word", "a`id`b", 'say "hi"', "back\\slash"])
+def test_multinode_ssh_refuses_only_what_pdsh_cannot_pass(value, tmp_path):
+    """`$`, backticks, `"` and `\\` are refused, naming the variable, with advice that works. (A space and `?`
+    pass: the pdsh test above sends MARKER_VALUE through.)"""
+    import shutil
+    if shutil.which("pdsh") is None:
+        pytest.skip("pdsh not installed (as root, `make cluster-packages` installs it)")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("n1 slots=1\n")
+    r = subprocess.run([str(ROOT / "launch/multinode_ssh.sh"), "--hostfile", str(hostfile), "--config", "x.yaml"],
+                       env={**os.environ, "MLFLOW_TRACKING_PASSWORD": value}, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "MLFLOW_TRACKING_PASSWORD contains" in r.stderr and "~/.mlflow/credentials" in r.stderr, r.stderr

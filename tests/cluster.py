@@ -32,6 +32,10 @@ BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "pdsh", "sshd
 PATH_EXTRA = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+class NoNamespaces(RuntimeError):
+    """`ip netns add` failed: this root cannot make network namespaces (a container without CAP_NET_ADMIN)."""
+
+
 def missing() -> str | None:
     """Why the cluster cannot be built here (a skip reason), or None."""
     if os.geteuid() != 0:
@@ -108,7 +112,10 @@ class Cluster:
 
     def _network(self) -> None:
         for ns in self.ns:
-            _must(["ip", "netns", "add", ns])
+            try:
+                _must(["ip", "netns", "add", ns])
+            except RuntimeError as e:
+                raise NoNamespaces(f"cannot make network namespaces here: {e}") from None
             self.made_ns.append(ns)
         # both ends made inside n1 (nothing touches the machine's own network), one moved to n2 and renamed there
         a, b = self.ns

@@ -19,7 +19,8 @@ $(BIN)/.installed: requirements.txt requirements-torch.txt
 setup: $(BIN)/.installed
 
 # The tests' two-node SLURM and pdsh/ssh cluster (tests/cluster.py) runs Debian's daemons: install them once
-# when missing, as root only (apt's policy-rc.d keeps them from starting in the machine's own namespace).
+# when missing, as root only. A policy-rc.d that says "no" (exit 101) keeps the packages from starting them in
+# the machine's own namespace (the tests start their own); one is put in place for the install if none is there.
 # Not root, or not Debian: nothing is installed and those tests skip, saying why.
 CLUSTER_BINS := slurmctld slurmd sbatch munged pdsh sshd
 CLUSTER_DEBS := slurm-wlm munge pdsh openssh-server
@@ -30,10 +31,13 @@ cluster-packages:
 	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
 	  echo "cluster-packages: $(CLUSTER_DEBS) missing and not root with apt-get: the cluster tests will skip"; \
 	else \
-	  echo "cluster-packages: installing $(CLUSTER_DEBS)"; start=$$(date +%s); \
+	  echo "cluster-packages: installing $(CLUSTER_DEBS)"; start=$$(date +%s); policy=; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then policy=1; printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	    chmod 755 /usr/sbin/policy-rc.d; fi; \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CLUSTER_DEBS) >/dev/null \
 	    || echo "cluster-packages: apt-get failed: the cluster tests will skip"; \
+	  [ -z "$$policy" ] || rm -f /usr/sbin/policy-rc.d; \
 	  echo "cluster-packages: took $$(( $$(date +%s) - start )) s"; \
 	fi
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 IFACE = "mfc0"
 NAMES = ("n1", "n2")
-BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "pdsh", "sshd", "ssh-keygen", "nsenter", "unshare")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "pdsh", "sshd", "ssh-keygen", "nsenter", "unshare",
+            "runuser", "ip")
 PATH_EXTRA = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 

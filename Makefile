@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # on one machine do not rebuild it over each other in ~/.cache.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean cluster-packages
 
 $(BIN)/.installed: requirements.txt requirements-torch.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,30 @@ $(BIN)/.installed: requirements.txt requirements-torch.txt
 
 setup: $(BIN)/.installed
 
-test: setup
+# The tests' two-node SLURM and pdsh/ssh cluster (tests/cluster.py) runs Debian's daemons: install them once
+# when missing, as root only. A policy-rc.d that says "no" (exit 101) keeps the packages from starting them in
+# the machine's own namespace (the tests start their own); one is put in place for the install if none is there.
+# Not root, or not Debian: nothing is installed and those tests skip, saying why.
+CLUSTER_BINS := slurmctld slurmd sbatch munged pdsh sshd
+CLUSTER_DEBS := slurm-wlm munge pdsh openssh-server
+
+cluster-packages:
+	@missing=; for b in $(CLUSTER_BINS); do PATH=$$PATH:/usr/sbin command -v $$b >/dev/null || missing=1; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "cluster-packages: $(CLUSTER_DEBS) missing and not root with apt-get: the cluster tests will skip"; \
+	else \
+	  echo "cluster-packages: installing $(CLUSTER_DEBS)"; start=$$(date +%s); policy=; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then policy=1; printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	    chmod 755 /usr/sbin/policy-rc.d; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CLUSTER_DEBS) >/dev/null \
+	    || echo "cluster-packages: apt-get failed: the cluster tests will skip"; \
+	  [ -z "$$policy" ] || rm -f /usr/sbin/policy-rc.d; \
+	  echo "cluster-packages: took $$(( $$(date +%s) - start )) s"; \
+	fi
+
+test: setup cluster-packages
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup

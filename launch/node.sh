@@ -21,8 +21,10 @@
 # TMPDIR (all nodes must then have the same number of processes); its name says what it holds, so runs with
 # the same shape share it and nothing needs removing afterwards.
 #
-# The environment passes through unchanged: MLFLOW_* (tracking URI, credentials), GLOO_SOCKET_IFNAME /
-# NCCL_SOCKET_IFNAME (which network interface to use), OMP_NUM_THREADS reach every process of this node.
+# The environment passes through unchanged: MLFLOW_* (tracking URI, credentials), OMP_NUM_THREADS,
+# TORCH_EXTENSIONS_DIR reach every process of this node. GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME name the
+# network interface the ranks use; when unset, this node's route to MASTER_ADDR chooses it (launch/ifname.sh),
+# since gloo would otherwise bind to whatever the node's own name resolves to (often a loopback address).
 #
 # Exit status (through launch/ds_run.py, which runs DeepSpeed's runner): 0 done; 2 a user error (one `error:`
 # line); 128+N stopped by signal N (SIGTERM to this script, or to its process group: 143; the ranks stop at a
@@ -60,6 +62,9 @@ is_int "$MASTER_PORT" && [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 
 cd "$(dirname "$0")/.."    # train.py, configs and relative data paths are resolved from the repository root
 DEEPSPEED=${DEEPSPEED:-deepspeed}
 command -v "$DEEPSPEED" >/dev/null || die "'$DEEPSPEED' not found: activate the project's .venv or set DEEPSPEED"
+if dev=$(launch/ifname.sh "$MASTER_ADDR"); then
+  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$dev} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$dev}
+fi
 
 if [ -z "${HOSTFILE:-}" ]; then
   if [ -z "${NPROC_PER_NODE:-}" ]; then
@@ -78,6 +83,7 @@ else
 fi
 
 command -v python3 >/dev/null || die "python3 not found: it starts launch/ds_run.py"
-echo "launch/node.sh: node $NODE_RANK of $NUM_NODES, master $MASTER_ADDR:$MASTER_PORT, hostfile $HOSTFILE" >&2
+echo "launch/node.sh: node $NODE_RANK of $NUM_NODES, master $MASTER_ADDR:$MASTER_PORT, hostfile $HOSTFILE," \
+  "interface ${GLOO_SOCKET_IFNAME:-gloo default}" >&2
 exec python3 launch/ds_run.py "$DEEPSPEED" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" launch/train.py "$@"

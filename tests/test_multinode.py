@@ -140,7 +140,8 @@ def test_two_nodes_train_and_checkpoint_across_namespaces(nodes, shards, tmp_pat
     print(f"two-node run: {wall:.1f}s wall, losses {[round(x, 3) for x in losses]}")
 
 
-@pytest.mark.parametrize("script", ["launch/node.sh", "launch/multinode_ssh.sh", "launch/slurm.sbatch"])
+@pytest.mark.parametrize("script", ["launch/node.sh", "launch/multinode_ssh.sh", "launch/slurm.sbatch",
+                                    "launch/ifname.sh"])
 def test_launch_script_parses(script):
     r = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

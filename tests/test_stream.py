@@ -305,3 +305,18 @@ def test_shards_where_nothing_decodes_fail_clearly_instead_of_looping(person_sha
                          batches_per_epoch=2)
     with pytest.raises(RuntimeError, match="no sample that decodes"):
         next(iter(stream))
+
+
+@pytest.mark.parametrize("num_workers, start", [(0, 0), (2, 3), (3, 1)])
+def test_one_loader_for_several_epochs_gives_each_epochs_batches(person_shards, num_workers, start):
+    """The run-long loader (workers kept across epochs) yields exactly what one loader per epoch yields, also
+    when it starts inside an epoch (resume) and the worker count does not divide the epoch."""
+    kwargs = dict(global_batch=8, num_instances=4, img_size=(64, 32), num_workers=num_workers, seed=2,
+                  batches_per_epoch=5)
+    run_long = list(train_loader(person_shards, epoch=1, start_batch=start, epochs=3, **kwargs))
+    per_epoch = [b for e in (1, 2, 3) for b in train_loader(person_shards, epoch=e,
+                                                             start_batch=start if e == 1 else 0, **kwargs)]
+    assert len(run_long) == len(per_epoch) == 15 - start
+    for a, b in zip(run_long, per_epoch):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+        assert a["erase"] == b["erase"]

@@ -153,9 +153,10 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
                 if info.is_main:
                     (out_dir / "metrics_untrained.json").write_text(json.dumps(metrics, indent=2))
             end = min(plan.total_steps, config.train.max_steps or plan.total_steps)
+            batches = _train_batches(config, info, plan, state["step"], end) if state["step"] < end else iter(())
             while state["step"] < end:
-                epoch, in_epoch = divmod(state["step"], plan.steps_per_epoch)
-                _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype, tracker, ckpt_dir,
+                epoch = state["step"] // plan.steps_per_epoch
+                _train_epoch(engine, batches, config, info, plan, state, epoch, end, dtype, tracker, ckpt_dir,
                              stop=stop)
                 if stop.agreed or state["step"] % plan.steps_per_epoch:   # a signal, or max_steps inside an epoch
                     break
@@ -295,16 +296,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train_epoch(engine, config, info, plan, state, epoch, in_epoch, end, dtype, tracker, ckpt_dir, stop=None):
-    # Each item is this rank's share of one global P x K batch: its slice of every micro step (see stream/).
+def _train_batches(config, info, plan, step: int, end: int):
+    """The batches of steps step+1..end and on to the end of that epoch, from one loader whose workers live
+    through every epoch. Each is this rank's share of one global P x K batch: its slice of every micro step
+    (see stream/)."""
+    first, in_epoch = divmod(step, plan.steps_per_epoch)
     loader = train_loader(config.data.shards, global_batch=config.train.global_batch,
                           num_instances=config.data.num_instances, img_size=config.model.img_size,
                           batches_per_epoch=plan.steps_per_epoch, num_workers=config.data.num_workers,
-                          seed=config.train.seed, epoch=epoch, rank=info.rank, world_size=info.world_size,
+                          seed=config.train.seed, epoch=first, rank=info.rank, world_size=info.world_size,
                           accum=plan.accum, start_batch=in_epoch, aligned=config.data.aligned_augment,
-                          pin_memory=info.device.type == "cuda")
+                          pin_memory=info.device.type == "cuda", epochs=-(-end // plan.steps_per_epoch) - first)
     with torch.random.fork_rng(devices=[]):   # starting the loader must not move the training RNG (resume)
-        batches = iter(loader)
+        return iter(loader)
+
+
+def _train_epoch(engine, batches, config, info, plan, state, epoch, end, dtype, tracker, ckpt_dir, stop=None):
+    in_epoch = state["step"] % plan.steps_per_epoch
     bar = tqdm(total=plan.steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}/{config.train.epochs}",
                disable=not info.is_main, dynamic_ncols=True)
     engine.train()

@@ -133,7 +133,8 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards_dir, *, global_batch: int, num_instances: int, img_size, batches_per_epoch=None,
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                 accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True):
+                 accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True,
+                 epochs: int = 1):
         super().__init__()
         self.dir = Path(shards_dir)
         manifest = read_manifest(self.dir)
@@ -161,12 +162,15 @@ class TrainStream(IterableDataset):
         self.shards = [s["name"] for s in shards]
         self.streams = max(1, num_workers)
         self.mode = split_mode([s.get("num_ids", 0) for s in shards], manifest["num_classes"], self.streams, self.p)
+        if epochs < 1:
+            raise ValueError(f"epochs={epochs}: expected >= 1")
         self.seed, self.epoch, self.rank, self.world, self.start = seed, epoch, rank, world_size, start_batch
+        self.epochs = epochs
         self.augment, self.aligned = augment, aligned
         self.damage = Damage()
 
     def __len__(self) -> int:
-        return self.num_batches - self.start
+        return self.epochs * self.num_batches - self.start
 
     def positions(self) -> list[int]:
         """This rank's positions in a global batch: its slice of each micro step, in micro order."""
@@ -182,22 +186,31 @@ class TrainStream(IterableDataset):
         return self._physical(info.id)
 
     def _physical(self, worker: int) -> Iterator[dict]:
-        logical = (worker + self.start) % self.streams
+        """Epoch after epoch, the batches of the logical stream this worker runs in each: the DataLoader's round
+        robin goes on across epochs, so after `done` batches worker w yields the epoch's batches
+        start, start + 1, ... at its turns, those of logical stream (w - done + start) mod S."""
         transform = aug.TripletAugment(self.img_size, train=self.augment, aligned=self.aligned)
-        batches = self._stream_batches(logical)
+        done = 0
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            start = self.start if epoch == self.epoch else 0
+            yield from self._epoch(epoch, (worker - done + start) % self.streams, start, transform)
+            done += self.num_batches - start
+
+    def _epoch(self, epoch: int, logical: int, start: int, transform: aug.TripletAugment) -> Iterator[dict]:
+        batches = self._stream_batches(logical, epoch)
         for index in range(logical, self.num_batches, self.streams):
             for dropped in itertools.count():
                 batch = next(batches)
                 # A batch before start_batch is not decoded, but whether ANY of its samples decodes decides
                 # whether the run being resumed dropped it, which moves every later batch of this stream.
-                share = self._share(batch) if index >= self.start else (batch if self._any_decodes(batch) else None)
+                share = self._share(batch) if index >= start else (batch if self._any_decodes(batch) else None)
                 if share is not None:
                     break
                 if dropped >= MAX_DROPPED:
                     raise RuntimeError(f"{self.dir}: {MAX_DROPPED + 1} batches in a row hold no sample that "
                                        "decodes; the train shards are damaged (rebuild them with shards/build.py)")
-            if index >= self.start:
-                yield self._collate(share, index, transform)
+            if index >= start:
+                yield self._collate(share, epoch, index, transform)
 
     def _any_decodes(self, batch: list[RawSample]) -> bool:
         return any(self._try_decode(sample) is not None for sample in batch)
@@ -210,9 +223,11 @@ class TrainStream(IterableDataset):
             self.damage.note(str(exn))
             return None
 
-    def iter_pass(self, stream: int, pass_index: int) -> Iterator:
-        """The samples logical `stream` reads in one pass, _SHARD_END after each shard."""
-        sources = stream_sources(self.shards, seed=self.seed, epoch=self.epoch, pass_index=pass_index,
+    def iter_pass(self, stream: int, pass_index: int, epoch: int | None = None) -> Iterator:
+        """The samples logical `stream` reads in one pass of `epoch` (default: the first), _SHARD_END after
+        each shard."""
+        epoch = self.epoch if epoch is None else epoch
+        sources = stream_sources(self.shards, seed=self.seed, epoch=epoch, pass_index=pass_index,
                                  stream=stream, num_streams=self.streams, shared=self.mode != "shard")
         for name, part, parts in sources:
             for ordinal, sample in enumerate(iter_shard(self.dir / name, self.damage)):
@@ -221,17 +236,17 @@ class TrainStream(IterableDataset):
                     yield sample
             yield _SHARD_END
 
-    def _samples(self, stream: int) -> Iterator:
+    def _samples(self, stream: int, epoch: int) -> Iterator:
         for pass_index in itertools.count():
-            yield from self.iter_pass(stream, pass_index)
+            yield from self.iter_pass(stream, pass_index, epoch)
             yield _PASS_END
 
-    def _stream_batches(self, stream: int) -> Iterator[list[RawSample]]:
-        """Global batches of one logical stream: P x K samples, identity-major, not yet decoded."""
-        rng = np.random.default_rng([self.seed, self.epoch, stream, self.streams, 11])
+    def _stream_batches(self, stream: int, epoch: int) -> Iterator[list[RawSample]]:
+        """Global batches of one logical stream in `epoch`: P x K samples, identity-major, not yet decoded."""
+        rng = np.random.default_rng([self.seed, epoch, stream, self.streams, 11])
         pool, group, label = _IdentityPool(self.k, rng), [], None
         threshold, emitted = POOL_FACTOR * self.p, 0
-        for item in self._samples(stream):
+        for item in self._samples(stream, epoch):
             if isinstance(item, RawSample):
                 if group and item.meta["label"] != label:
                     pool.add(label, group)
@@ -280,13 +295,13 @@ class TrainStream(IterableDataset):
             share.append((q, batch[found], load(found)))
         return share
 
-    def _collate(self, share: list, index: int, transform: aug.TripletAugment) -> dict:
+    def _collate(self, share: list, epoch: int, index: int, transform: aug.TripletAugment) -> dict:
         # uint8 (B, 3 modalities, 3, H, W); the step normalises on the device and fills the erased blocks there
         images = _empty_batch((len(share), 3, 3, *self.img_size), torch.uint8)
         erase = []
         with torch.random.fork_rng(devices=[]):
             for row, (slot, (q, _, decoded)) in enumerate(zip(images, share)):
-                torch.manual_seed(_sample_seed(self.seed, self.epoch, index, q))
+                torch.manual_seed(_sample_seed(self.seed, epoch, index, q))
                 erase += [(row, *box) for box in transform.to_uint8(decoded, out=slot)]
         return {
             "images": images,
@@ -456,14 +471,17 @@ def _batch_bytes(rows: int, img_size, element_size: int) -> int:
 def train_loader(shards_dir, *, global_batch: int, num_instances: int, img_size, batches_per_epoch=None,
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
                  accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True,
-                 pin_memory: bool = False) -> DataLoader:
-    """This rank's share of each global batch of P ids x K: {"images" (accum x m, 3, 3, H, W) uint8,
-    "erase" (the blocks to erase: `augment.erase_`), "labels", "camids"}, its slice of every micro step in micro order (m = global / (accum x world));
-    exactly batches_per_epoch - start_batch of them on every rank. See the module doc."""
+                 pin_memory: bool = False, epochs: int = 1) -> DataLoader:
+    """This rank's share of each global batch of P ids x K: {"images" (accum x m, 3, 3, H, W) uint8, "erase"
+    (the blocks to erase: `augment.erase_`), "labels", "camids"}, its slice of every micro step in micro
+    order (m = global / (accum x world)); exactly batches_per_epoch - start_batch of them on every rank, then
+    batches_per_epoch for each of the `epochs` - 1 epochs after. One loader for several epochs keeps its
+    workers (and their shard readers) across epoch boundaries: the next epoch's first batches are ready when
+    the last ones of this epoch are used. See the module doc."""
     dataset = TrainStream(shards_dir, global_batch=global_batch, num_instances=num_instances, img_size=img_size,
                           batches_per_epoch=batches_per_epoch, num_workers=num_workers, seed=seed, epoch=epoch,
                           rank=rank, world_size=world_size, accum=accum, start_batch=start_batch, augment=augment,
-                          aligned=aligned)
+                          aligned=aligned, epochs=epochs)
     return _loader(dataset, num_workers, _batch_bytes(global_batch // world_size, img_size, 1), pin_memory)
 
 

@@ -60,7 +60,6 @@ class MFRNet(nn.Module):
         if per_modality and cfg.head_pool == "cls_mean":
             self.reductions = nn.ModuleList([TokenReduction(P) for _ in MODALITIES])
 
-    @property
     def compile_dense_blocks(self) -> int:
         """torch.compile every ViT block without an MoE layer, in place (parameters and state-dict keys stay as
         they are); the MoE blocks stay eager (DeepSpeed's gate and all-to-all). Returns how many were compiled."""
@@ -69,6 +68,7 @@ class MFRNet(nn.Module):
             block.compile(dynamic=False)
         return len(dense)
 
+    @property
     def moe_layers(self) -> list[SparseMoE]:
         return moe_layers(self)
 

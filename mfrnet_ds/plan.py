@@ -47,6 +47,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from mfrnet_ds.config import Config, ConfigError, derive_batch, load_config
 
 GB = 1e9
+# Triplets per second one loader worker decodes and augments at 256x128 (uint8 out), measured with
+# bench/loader.py on the 2-core CPU here; a server core is faster: measure yours and pass --loader-rate.
+LOADER_RATE = 300.0
+
+
+def loader_workers(demand: float, rate: float) -> dict:
+    """Loader workers per GPU that keep up with `demand` triplets/s at `rate` per worker (plus one spare: a
+    worker also waits on reads)."""
+    return {"demand": demand, "rate": rate, "workers": math.ceil(demand / rate) + 1}
 
 
 def _cpu_flash_sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
@@ -197,7 +206,7 @@ def _fractions(world: int, gpus_per_node: int, group_of) -> tuple[float, float]:
 def plan(config: Config, nodes: int, gpus_per_node: int, *, link_gbps: float = 400.0,
          intra_node_gbps: float = 3600.0, gpu_tflops: float = 989.0, gpu_mem_gb: float = 80.0,
          micro_batch: int | None = None, zero_stage: int | None = None, mfu: float = 0.4,
-         ds_config: dict | None = None) -> dict:
+         ds_config: dict | None = None, loader_rate: float = LOADER_RATE) -> dict:
     """Per-GPU parameters, memory, all-to-all and gradient traffic and step time; see the module docstring.
 
     `ds_config`: the DeepSpeed JSON as a dict; None reads `config.train.deepspeed_config` as training does.
@@ -212,6 +221,8 @@ def plan(config: Config, nodes: int, gpus_per_node: int, *, link_gbps: float = 4
             raise ConfigError(f"{name}={value}: expected > 0")
     if not 0 < mfu <= 1:
         raise ConfigError(f"mfu={mfu}: expected a fraction in (0, 1]")
+    if loader_rate <= 0:
+        raise ConfigError(f"loader_rate={loader_rate}: expected > 0 (triplets/s one loader worker makes)")
     world = nodes * gpus_per_node
     config = copy.deepcopy(config)
     if micro_batch is not None:
@@ -328,6 +339,7 @@ def plan(config: Config, nodes: int, gpus_per_node: int, *, link_gbps: float = 4
         "all_to_all": a2a,
         "time_s": {"compute": compute_s, "all_to_all": a2a_s, "grad_sync_exposed": grad_exposed, "step": step_s},
         "samples_per_s": config.train.global_batch / step_s,
+        "loader": loader_workers(config.train.global_batch / step_s / world, loader_rate),
         "warnings": warnings,
     }
 
@@ -386,6 +398,9 @@ def format_plan(p: dict) -> str:
     lines += ["", f"step time estimate: {1e3 * t['step']:.1f} ms = compute {1e3 * t['compute']:.1f} + all-to-all "
                   f"{1e3 * t['all_to_all']:.1f} + exposed gradient sync {1e3 * t['grad_sync_exposed']:.1f}; "
                   f"{p['samples_per_s']:,.0f} samples/s"]
+    ld = p["loader"]
+    lines += [f"loader: each GPU takes {ld['demand']:,.0f} triplets/s; at {ld['rate']:,.0f} per worker "
+              f"(bench/loader.py; --loader-rate) that is data.num_workers >= {ld['workers']} per GPU"]
     lines += [f"warning: {w}" for w in p["warnings"]]
     return "\n".join(lines)
 
@@ -404,12 +419,15 @@ def main(argv=None) -> int:
     ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for compute")
     ap.add_argument("--micro-batch", type=int, help="samples per GPU per forward (sets train.micro_batch)")
     ap.add_argument("--zero-stage", type=int, choices=(0, 1, 2), help="override the DeepSpeed JSON's stage")
+    ap.add_argument("--loader-rate", type=float, default=LOADER_RATE,
+                    help="triplets/s one loader worker makes (bench/loader.py on your nodes)")
     args = ap.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
         result = plan(config, args.nodes, args.gpus_per_node, link_gbps=args.link_gbps,
                       intra_node_gbps=args.intra_node_gbps, gpu_tflops=args.gpu_tflops, gpu_mem_gb=args.gpu_mem_gb,
-                      micro_batch=args.micro_batch, zero_stage=args.zero_stage, mfu=args.mfu)
+                      micro_batch=args.micro_batch, zero_stage=args.zero_stage, mfu=args.mfu,
+                      loader_rate=args.loader_rate)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

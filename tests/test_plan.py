@@ -1,4 +1,5 @@
 """Capacity plan: the numbers that must hold, checked against the real model where it can run here."""
+import math
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mfrnet_ds import ConfigError, build_model, load_config
-from mfrnet_ds.plan import _FLOP_EXTRA, _meta_model, _moe_facts, activation_bytes, main, plan
+from mfrnet_ds.plan import _FLOP_EXTRA, _meta_model, _moe_facts, activation_bytes, format_plan, main, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.img_size=[64,32]"]          # 4 x 2 patches + CLS = 9 tokens per image
@@ -166,3 +167,13 @@ def test_zero2_overlap_hides_the_reduce_scatter_behind_backward():
     assert exposed["zero2"] > 0
     assert exposed["zero1"] == pytest.approx(exposed["zero2"])              # one micro step: same volume
     assert exposed["zero2-overlap"] == pytest.approx(exposed["zero2"] / 2)  # only the all-gather is left
+
+
+def test_plan_derives_loader_workers_from_the_steps_demand():
+    from mfrnet_ds.plan import loader_workers
+    assert loader_workers(0.5, 300) == {"demand": 0.5, "rate": 300, "workers": 2}
+    assert loader_workers(1500, 300)["workers"] == 6
+    p = plan(load_config(ROOT / "configs/rgbnt201.yaml", ["model.pretrained=none"]), 1, 8, loader_rate=100.0)
+    assert p["loader"]["demand"] == pytest.approx(p["samples_per_s"] / 8)
+    assert p["loader"]["workers"] == math.ceil(p["loader"]["demand"] / 100.0) + 1
+    assert "data.num_workers >= " in format_plan(p)

@@ -475,7 +475,8 @@ def _start_tracking(config, info, manifest, ds_config, run_id):
     """Rank 0 opens (or, on resume, reopens) the MLflow run; other ranks get a tracker that does nothing."""
     if not config.tracking.enabled:
         return NullTracker()
-    tracker = tracker_for_rank(info.rank, config.train.out_dir, tracking_uri=config.tracking.uri or None)
+    tracker = tracker_for_rank(info.rank, config.train.out_dir, tracking_uri=config.tracking.uri or None,
+                               reconnect_s=config.tracking.reconnect_s)
     m = config.model
     params = {"config": config.to_dict(), "deepspeed": ds_config, "world_size": info.world_size,
               "git_commit": _git_commit(),

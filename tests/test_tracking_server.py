@@ -1,0 +1,123 @@
+"""A team's tracking server that goes away in the middle of a run: a real `mlflow server` (its own sqlite store
+and artifact folder under tmp_path), a 2-rank training (real launcher) logging to it through
+MLFLOW_TRACKING_URI, the server killed after step 2 and started again on the same store. The run must finish,
+replay what it logged while the server was down into the same run once the server answers again
+(tracking.reconnect_s), say so in its log, and the store must hold every metric of every step afterwards.
+Slow (launcher and server start-up), run in CI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from launcher import ROOT, free_port, kill_session, read_train_log, remove_shm_buffers, start_deepspeed, \
+    tiny_shards, tiny_train_args
+
+STEPS = 6
+KILL_AFTER = 2
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return tiny_shards(tmp_path_factory)
+
+
+def start_server(store: Path, port: int, log: Path, wait: bool = True) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})   # no job worker processes
+    if wait:
+        wait_for_health(server, port, log)
+    return server
+
+
+def wait_for_health(server: subprocess.Popen, port: int, log: Path) -> None:
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert server.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "mlflow server did not answer /health within 90 s"
+        time.sleep(0.3)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    kill_session(server)    # SIGKILL to its own session: the server and its gunicorn/uvicorn worker, at once
+
+
+def wait_for_step(out: Path, step: int, trainer: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not (out / "train_log.jsonl").is_file() or read_train_log(out)[-1]["step"] < step:
+        assert trainer.poll() is None, f"training ended early ({trainer.returncode})\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_server_killed_and_restarted_mid_run_loses_no_metric(shards, tmp_path):
+    store, out, port = tmp_path / "server", tmp_path / "run", free_port()
+    store.mkdir()
+    server_log, train_log = tmp_path / "server.log", tmp_path / "train.log"
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    # the server starts while the launcher starts the ranks (both take ~10 s here): the tracker usually finds it
+    # up; when not, it starts offline and the same replay brings the run into the store
+    server = start_server(store, port, server_log, wait=False)
+    master_port = free_port()
+    trainer = None
+    try:
+        args = tiny_train_args(shards, out, "model.frm.ep_size=2", f"train.max_steps={STEPS}",
+                               "tracking.enabled=true", "tracking.reconnect_s=1")
+        trainer = start_deepspeed(ROOT / "launch/train.py", args, train_log, master_port=master_port,
+                                  env={"MLFLOW_TRACKING_URI": uri})
+        wait_for_health(server, port, server_log)
+        wait_for_step(out, KILL_AFTER, trainer, train_log)
+        stop_server(server)
+        down_at = read_train_log(out)[-1]["step"]
+        server = start_server(store, port, server_log)        # the same store, the same address
+        assert trainer.wait(timeout=300) == 0, train_log.read_text()[-4000:]
+    finally:
+        if trainer is not None and trainer.poll() is None:
+            kill_session(trainer)
+        remove_shm_buffers("127.0.0.1", master_port)
+        stop_server(server)
+    wall = time.perf_counter() - t0
+    text = train_log.read_text()
+    assert f"MLflow store {uri} unreachable" in text, text[-4000:]
+    assert f"MLflow store {uri} is back" in text and "replayed into run" in text, text[-4000:]
+    assert "still unreachable" not in text
+
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")      # read the store itself, server stopped
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_id for r in runs]           # the gap went into the same run
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    records = read_train_log(out) + [json.loads(line) for line in (out / "eval_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in read_train_log(out)] == list(range(1, STEPS + 1))
+    want: dict[str, list] = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in ("step", "time"):
+                want.setdefault(key, []).append((record["step"], pytest.approx(value, rel=1e-6, abs=1e-9)))
+    missing = {}
+    for key, points in want.items():
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        if got != sorted(points, key=lambda p: p[0]):
+            missing[key] = (got, points)
+    assert not missing, f"{len(missing)} of {len(want)} metrics differ in the store: {list(missing.items())[:3]}"
+    print(f"server killed after step {down_at} and restarted; {len(want)} metrics x {STEPS} steps all in the "
+          f"store; {wall:.1f}s wall")

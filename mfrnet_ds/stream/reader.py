@@ -52,7 +52,7 @@ def read_manifest(shards_dir) -> dict:
         raise ManifestError(f"{path}: not found; build the shards first (python shards/build.py ...); "
                             "a folder without it is not a finished build") from None
     except OSError as exn:
-        raise ManifestError(f"{path}: cannot be read: {exn}") from None
+        raise ManifestError(f"{path}: cannot be read: {str(exn).removeprefix(path + ': ')}") from None
     try:
         manifest = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exn:

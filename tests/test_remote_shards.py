@@ -146,7 +146,7 @@ def test_remote_manifest_errors_name_the_url(shards, tmp_path):
         read_manifest("http://127.0.0.1:9/x")            # nothing listens on the discard port
     with pytest.raises(ManifestError, match=r"needs \{name\} where the file name goes"):
         read_manifest("pipe:aws s3 cp s3://bucket/shards -")
-    with pytest.raises(ManifestError, match="pipe:cat /nonexistent/manifest.json: exited 1"):
+    with pytest.raises(ManifestError, match="pipe:cat /nonexistent/manifest.json: cannot be read: exited 1 after 0 bytes: cat: "):
         read_manifest("pipe:cat /nonexistent/{name}")
 
 

@@ -37,7 +37,8 @@ def _error(message, is_main: bool | None = None) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or one tag folder")
-    ap.add_argument("--shards", required=True, help="shard folder (with manifest.json) to evaluate on")
+    ap.add_argument("--shards", required=True, help="shard folder (with manifest.json) to evaluate on, or the "
+                    "same files as an http(s):// URL or a pipe: command with {name} (docs/MULTINODE.md)")
     ap.add_argument("--missing", default="", help="'all' for full + the six missing-modality settings, "
                     "or one setting: r, n, t, rn, rt, nt")
     ap.add_argument("--best", action="store_true", help="use the best-mAP checkpoint rather than the latest")

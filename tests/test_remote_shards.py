@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from launcher import ROOT, read_train_log, tiny_shards, tiny_train_args
+from launcher import ROOT, kill_session, read_train_log, tiny_shards, tiny_train_args
 from mfrnet_ds.stream import source as src
 from mfrnet_ds.stream.pipeline import EvalStream, TrainStream
 from mfrnet_ds.stream.reader import Damage, ManifestError, iter_shard, read_manifest
@@ -155,14 +155,21 @@ def test_remote_manifest_errors_name_the_url(shards, tmp_path):
 STEPS = 2
 
 
-def _train(args: list[str], netns: str | None, log) -> None:
+def _start_training(args: list[str], netns: str | None, log) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "launch/train.py"), *args]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{open(log).read()[-4000:]}"
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log) -> None:
+    try:
+        code = proc.wait(timeout=300)
+    finally:
+        kill_session(proc)
+    assert code == 0, f"{' '.join(proc.args)} exited {code}\n{open(log).read()[-4000:]}"
 
 
 @pytest.mark.slow
@@ -172,7 +179,7 @@ def test_training_over_http_from_another_node_matches_disk(shards, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root (ip netns add)")
     net = TwoNodes()
-    server = None
+    server = over_http = from_disk = None
     try:
         try:
             net.up()
@@ -181,18 +188,23 @@ def test_training_over_http_from_another_node_matches_disk(shards, tmp_path):
         server_log = tmp_path / "http_server.log"
         server = subprocess.Popen(["ip", "netns", "exec", net.ns[0], sys.executable, "-m", "http.server", "8000",
                                    "--bind", net.addr[0], "--directory", str(shards)],
-                                  stdout=open(server_log, "w"), stderr=subprocess.STDOUT)
+                                  stdout=open(server_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://{net.addr[0]}:8000"
         common = ("model.frm.ep_size=1", f"train.max_steps={STEPS}", "train.eval_on_stop=true")
         t0 = time.perf_counter()
-        _train(tiny_train_args(url, tmp_path / "http", *common), net.ns[1], tmp_path / "http.log")
+        # both runs at once (one process each): their start-up, mostly imports, overlaps
+        over_http = _start_training(tiny_train_args(url, tmp_path / "http", *common), net.ns[1],
+                                    tmp_path / "http.log")
+        from_disk = _start_training(tiny_train_args(shards, tmp_path / "disk", *common), None,
+                                    tmp_path / "disk.log")
+        _finish(over_http, tmp_path / "http.log")
+        _finish(from_disk, tmp_path / "disk.log")
         wall = time.perf_counter() - t0
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait()
+        for proc in (over_http, from_disk, server):
+            if proc is not None:
+                kill_session(proc)
         net.down()
-    _train(tiny_train_args(shards, tmp_path / "disk", *common), None, tmp_path / "disk.log")
 
     over_http = [r["loss"] for r in read_train_log(tmp_path / "http")]
     from_disk = [r["loss"] for r in read_train_log(tmp_path / "disk")]
@@ -206,4 +218,5 @@ def test_training_over_http_from_another_node_matches_disk(shards, tmp_path):
     wanted = ["manifest.json"] + [s["name"] for split in ("train", "query") for s in manifest["splits"][split]["shards"]]
     missing = [n for n in wanted if f'"GET /{n} HTTP/1.1" 200' not in served]
     assert not missing, f"never requested from the server: {missing}\n{served[-3000:]}"
-    print(f"training over HTTP from the other namespace: {wall:.1f}s, losses {[round(x, 4) for x in over_http]}")
+    print(f"training over HTTP from the other namespace and from disk, side by side: {wall:.1f}s, "
+          f"losses {[round(x, 4) for x in over_http]}")

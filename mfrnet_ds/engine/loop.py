@@ -405,6 +405,8 @@ def _log_step(engine, parts, state, window, info, tracker, bar, out_dir: Path):
         metrics[f"balance/{name}"] = balance
         loads.append(f"{name}[{' '.join(f'{s:.2f}' for s in share)}] drop {d:.2f}")
     tracker.log_metrics(metrics, state["step"])
+    # a run that started offline gets its id when the store comes back: checkpoints then resume that run
+    state["run_id"] = tracker.run_id or state["run_id"]
     with open(out_dir / "train_log.jsonl", "a") as f:   # plain-text record next to the tracker's
         f.write(json.dumps({"step": state["step"], "time": time.time(), **metrics}) + "\n")
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")

@@ -163,13 +163,15 @@ def _remote_members(where: ShardSource, name: str, damage: Damage) -> Iterator[d
             damage.note(f"shard {name}: {exn}", samples=0)
             return
         except (OSError, tarfile.TarError, ValueError) as exn:
+            # webdataset appends " @ <stream>" to what it passes on: the stream is named already
+            why = f"{type(exn).__name__}: {str(exn.args[0] if exn.args else exn).split(' @ ')[0]}"
             if attempt == src.RETRIES:
                 damage.note(f"shard {name}: gave up after {src.RETRIES} retries, {given} samples read; the rest "
-                            f"of the shard is missing ({type(exn).__name__}: {exn})", samples=0)
+                            f"of the shard is missing ({why})", samples=0)
                 return
             wait = src.BACKOFF_S * 2 ** attempt
-            log.warning("shard %s: read failed after %d samples (%s: %s); retry %d of %d in %.1f s",
-                        name, given, type(exn).__name__, exn, attempt + 1, src.RETRIES, wait)
+            log.warning("shard %s: read failed after %d samples (%s); retry %d of %d in %.1f s",
+                        name, given, why, attempt + 1, src.RETRIES, wait)
             time.sleep(wait)
 
 

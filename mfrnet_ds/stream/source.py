@@ -117,6 +117,7 @@ class _HttpBody:
     def close(self) -> None:
         self.response.close()
 
+
     def __enter__(self):
         return self
 

@@ -206,6 +206,9 @@ def test_training_over_http_from_another_node_matches_disk(shards, tmp_path):
                 kill_session(proc)
         net.down()
 
+    text = (tmp_path / "http.log").read_text()
+    # the end-of-run files (manifest copy, expert pictures from the query shards) work from a URL too
+    assert "finalize_run" not in text and "end of run: " in text and "experts" in text, text[-3000:]
     over_http = [r["loss"] for r in read_train_log(tmp_path / "http")]
     from_disk = [r["loss"] for r in read_train_log(tmp_path / "disk")]
     assert len(over_http) == STEPS and all(math.isfinite(x) for x in over_http)

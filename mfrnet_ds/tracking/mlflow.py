@@ -287,12 +287,14 @@ class MlflowTracker:
         """Run `online` against the store, or append `record` to the offline log."""
         if record["type"] != "end":
             self._require_started()
-        for attempt in range(2 if not self.is_offline else 0):
+        # a second try for a busy sqlite file ("database is locked"); MLflow's HTTP client retries by itself
+        attempts = 0 if self.is_offline else 1 if self.tracking_uri.startswith(("http://", "https://")) else 2
+        for attempt in range(attempts):
             try:
                 online()
                 return
             except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
-                if attempt == 0:  # one more try: a busy sqlite file ("database is locked") recovers
+                if attempt + 1 < attempts:
                     time.sleep(0.5)
                     continue
                 self._go_offline(where, exc)

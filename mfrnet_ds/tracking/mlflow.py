@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import time
-import urllib.request
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -325,14 +324,14 @@ class MlflowTracker:
         if not self.is_offline or (not force and time.monotonic() - self._last_probe < self.reconnect_s):
             return
         self._last_probe = time.monotonic()
+        from mfrnet_ds.tracking.replay import replay, store_answers   # late: replay imports this module
+
         if not store_answers(self.tracking_uri):
             if force:
                 log.warning("MLflow store %s still unreachable at the end of the run: the steps logged since it "
                             "went away are only in %s; import them with: python -m mfrnet_ds.tracking.replay %s",
                             self.tracking_uri, self.offline.path, self.offline.path)
             return
-        from mfrnet_ds.tracking.replay import replay   # late: replay imports this module
-
         try:
             run_ids = replay(self.offline.path, self.tracking_uri, close_open_run=False)
         except Exception as exc:  # noqa: BLE001 - a store that fails again: stay offline, ask again later
@@ -356,22 +355,6 @@ class MlflowTracker:
             self._monitor = None
             warnings.warn(f"MLflow system metrics disabled: {type(exc).__name__}: {exc}", TrackingWarning,
                           stacklevel=3)
-
-
-def store_answers(uri: str, timeout: float = 2.0) -> bool:
-    """Whether the store answers now: a tracking server's /health (one request, no retries), else one
-    cheap query of a database store."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-                return response.status == 200
-        except OSError:
-            return False
-    try:
-        MlflowClient(uri).search_experiments(max_results=1)
-        return True
-    except Exception:  # noqa: BLE001
-        return False
 
 
 class NullTracker:

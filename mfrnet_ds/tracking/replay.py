@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -90,6 +91,22 @@ def replay(path: str | Path, uri: str | None = None, force: bool = False, close_
                                   "run_ids": sorted(set((done or {}).get("run_ids", []) + run_ids)),
                                   "time": time.strftime("%Y-%m-%d %H:%M:%S")}))
     return run_ids
+
+
+def store_answers(uri: str, timeout: float = 2.0) -> bool:
+    """Whether the store answers now: a tracking server's /health (one request, no retries), else one
+    cheap query of a database store."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                return response.status == 200
+        except OSError:
+            return False
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _start(client: MlflowClient, uri: str, record: dict) -> str:

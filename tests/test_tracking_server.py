@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launcher import ROOT, free_port, kill_session, read_train_log, remove_shm_buffers, start_deepspeed, \
-    tiny_shards, tiny_train_args
+from launcher import ROOT, free_port, kill_session, rank_processes, read_train_log, remove_shm_buffers, \
+    start_deepspeed, tiny_shards, tiny_train_args
 
 STEPS = 6
 KILL_AFTER = 2
@@ -28,27 +28,26 @@ def shards(tmp_path_factory):
     return tiny_shards(tmp_path_factory)
 
 
-def start_server(store: Path, port: int, log: Path, wait: bool = True) -> subprocess.Popen:
-    server = subprocess.Popen(
+def start_server(store: Path, port: int, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
          "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})   # no job worker processes
-    if wait:
-        wait_for_health(server, port, log)
-    return server
+
+
+def server_answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def wait_for_health(server: subprocess.Popen, port: int, log: Path) -> None:
     deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+    while not server_answers(port):
         assert server.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "mlflow server did not answer /health within 90 s"
         time.sleep(0.3)
@@ -66,6 +65,26 @@ def wait_for_step(out: Path, step: int, trainer: subprocess.Popen, log: Path, ti
         time.sleep(0.2)
 
 
+def restart_before_the_end(server: subprocess.Popen, port: int, log: Path, out: Path,
+                           trainer: subprocess.Popen) -> None:
+    """Wait for the restarted server; should the training reach its last step first (a slow start on a loaded
+    machine), hold its ranks (SIGSTOP) until the server answers, so that what is tested is the replay while
+    the run goes on, not the message of a run that ended before its server came back."""
+    held: list = []
+    try:
+        deadline = time.monotonic() + 90
+        while not server_answers(port):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            if not held and read_train_log(out)[-1]["step"] >= STEPS - 1:
+                held = list(rank_processes(trainer).values())
+                for rank in held:
+                    rank.suspend()
+            time.sleep(0.2)
+    finally:
+        for rank in held:
+            rank.resume()
+
+
 @pytest.mark.slow
 def test_server_killed_and_restarted_mid_run_loses_no_metric(shards, tmp_path):
     store, out, port = tmp_path / "server", tmp_path / "run", free_port()
@@ -75,7 +94,7 @@ def test_server_killed_and_restarted_mid_run_loses_no_metric(shards, tmp_path):
     t0 = time.perf_counter()
     # the server starts while the launcher starts the ranks (both take ~10 s here): the tracker usually finds it
     # up; when not, it starts offline and the same replay brings the run into the store
-    server = start_server(store, port, server_log, wait=False)
+    server = start_server(store, port, server_log)
     master_port = free_port()
     trainer = None
     try:
@@ -87,7 +106,9 @@ def test_server_killed_and_restarted_mid_run_loses_no_metric(shards, tmp_path):
         wait_for_step(out, KILL_AFTER, trainer, train_log)
         stop_server(server)
         down_at = read_train_log(out)[-1]["step"]
-        server = start_server(store, port, server_log)        # the same store, the same address
+        wait_for_step(out, down_at + 1, trainer, train_log)   # at least one step logged while it is down
+        server = start_server(store, port, server_log)      # the same store, the same address
+        restart_before_the_end(server, port, server_log, out, trainer)
         assert trainer.wait(timeout=300) == 0, train_log.read_text()[-4000:]
     finally:
         if trainer is not None and trainer.poll() is None:

@@ -3,8 +3,9 @@
     python launch/evaluate.py --checkpoint runs/rgbnt201 --shards data/shards/rgbnt201 [--missing all] [--re-ranking]
     deepspeed --num_gpus 2 launch/evaluate.py --checkpoint ... --shards ...     # feature extraction split over ranks
 
-The model is rebuilt from the experiment config stored in the checkpoint; expert-parallel layouts need a
-world size that the checkpoint's ep_size divides.
+The model is rebuilt from the experiment config stored in the checkpoint, on any number of processes: where the
+checkpoint's ep_size does not divide the world (an ep_size 2 checkpoint evaluated in one process), the experts are
+re-sharded as `--resume` does (expert files are keyed by global expert index) and the table is the same.
 
 Damaged samples (a shard cut short, a corrupt member) are left out and counted: the table and --json report
 `damaged_query` / `damaged_gallery`; more than --max-damaged-share (default: the checkpoint's
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from mfrnet_ds.config import ConfigError, UserError, check, config_from_saved
+from mfrnet_ds.config import ConfigError, UserError, check, config_from_saved, fit_expert_parallel
 
 
 def _error(message, is_main: bool | None = None) -> int:
@@ -36,7 +37,8 @@ def _error(message, is_main: bool | None = None) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or one tag folder")
-    ap.add_argument("--shards", required=True, help="shard folder (with manifest.json) to evaluate on")
+    ap.add_argument("--shards", required=True, help="shard folder (with manifest.json) to evaluate on, or the "
+                    "same files as an http(s):// URL or a pipe: command with {name} (docs/MULTINODE.md)")
     ap.add_argument("--missing", default="", help="'all' for full + the six missing-modality settings, "
                     "or one setting: r, n, t, rn, rt, nt")
     ap.add_argument("--best", action="store_true", help="use the best-mAP checkpoint rather than the latest")
@@ -72,7 +74,10 @@ def main(argv=None) -> int:
     info = D.init_distributed(args.local_rank)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(message)s")
     client = ckpt.read_model_states(ckpt_dir / tag)
-    config = config_from_saved(client["config"])
+    config, resharded = fit_expert_parallel(config_from_saved(client["config"]), info.world_size)
+    if resharded and info.is_main:
+        print(f"checkpoint {ckpt_dir / tag} on {info.world_size} process(es): experts re-sharded "
+              f"({', '.join(resharded)})", file=sys.stderr)
     try:
         check(config, info.world_size)
     except ConfigError as e:

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -101,7 +101,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = ""                         # folder written by shards/build.py (holds manifest.json)
+    # folder written by shards/build.py (holds manifest.json), or the same files remote: http(s)://HOST/PATH,
+    # or pipe:CMD with {name} where a file name goes (pipe:aws s3 cp s3://b/shards/{name} -): stream/source.py
+    shards: str = ""
     num_instances: int = 8                   # K of the P x K identity-balanced batch
     num_workers: int = 2
     aligned_augment: bool = True             # one flip/crop/erase draw for the three aligned images
@@ -171,6 +173,9 @@ class TrackingConfig:
     experiment: str = ""                    # default: the dataset name from the shard manifest
     run_name: str = ""
     uri: str = ""                           # default: MLFLOW_TRACKING_URI, else sqlite in out_dir
+    # while the store is unreachable (numbers go to OUT_DIR/mlflow_offline.jsonl), ask it again this often;
+    # once it answers, the offline part is replayed into the run (tracking/mlflow.py)
+    reconnect_s: float = 30.0
 
 
 @dataclass
@@ -342,6 +347,23 @@ def _check_moe(name: str, moe: MoEConfig, world_size: int | None) -> None:
     if world_size is not None and world_size % moe.ep_size:
         raise ConfigError(f"{name}.ep_size={moe.ep_size} does not divide the world size {world_size} "
                           f"(allowed: {', '.join(str(d) for d in _divisors(world_size))})")
+
+
+def fit_expert_parallel(config: Config, world_size: int) -> tuple[Config, list[str]]:
+    """The config with each MoE's ep_size lowered to gcd(ep_size, world_size), and what changed.
+
+    For inference on another number of processes than the checkpoint was trained on (launch/evaluate.py):
+    expert files are keyed by global expert index, so any ep_size that divides both the experts and the
+    world loads them, exactly as `--resume` re-shards. The gcd divides num_experts because ep_size does.
+    """
+    m, changed = config.model, []
+    for name in ("ffm", "frm"):
+        moe = getattr(m, name)
+        ep = math.gcd(moe.ep_size, world_size)
+        if ep != moe.ep_size:
+            changed.append(f"model.{name}.ep_size {moe.ep_size} -> {ep}")
+            m = replace(m, **{name: replace(moe, ep_size=ep)})
+    return replace(config, model=m), changed
 
 
 def _divisors(n: int) -> list[int]:

@@ -1,6 +1,9 @@
 """The training pipeline at a small scale under the real `deepspeed` launcher: 2 CPU processes, FRM ep_size=2,
 real WebDataset shards, a real MLflow store. Slow (launcher start-up), run in CI."""
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -99,9 +102,30 @@ def test_export_matches_engine_and_evaluate_cli(shards, tmp_path):
     expected = score(q, q, "rgbnt201", re_ranking=True)
     assert {k: reranked[k] for k in expected} == pytest.approx(expected, abs=1e-6)
 
-    from mfrnet_ds.export import export, load_exported
+    # the same ep_size 2 checkpoint in ONE process: experts re-sharded as --resume does, same embeddings and mAP
+    single_emb = tmp_path / "single_query.pt"
+    t0 = time.perf_counter()
+    single = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), "--checkpoint", str(out), "--shards",
+                             str(shards), "--batch", "16", "--json", str(tmp_path / "eval_1.json"),
+                             "--save-embeddings", str(single_emb)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-4000:]
+    assert "experts re-sharded (model.frm.ep_size 2 -> 1)" in single.stderr, single.stderr[-2000:]
+    one, two = torch.load(single_emb, weights_only=True), torch.load(emb_file, weights_only=True)
+    assert torch.equal(one["pids"], two["pids"]) and one["embedding"].shape == two["embedding"].shape
+    assert torch.allclose(one["embedding"], two["embedding"], atol=1e-5, rtol=0), \
+        (one["embedding"] - two["embedding"]).abs().max()
+    one_map = json.loads((tmp_path / "eval_1.json").read_text())[""]["mAP"]
+    assert abs(one_map - table[""]["mAP"]) < 1e-4, (one_map, table[""]["mAP"])
+    print(f"ep_size 2 checkpoint evaluated in one process: {time.perf_counter() - t0:.1f}s, max |diff| "
+          f"{(one['embedding'] - two['embedding']).abs().max().item():.2e}, mAP {one_map:.4f}")
+
+    from mfrnet_ds.export import load_exported
     from mfrnet_ds.stream.pipeline import eval_loader
-    path = export(out, tmp_path / "model.pt")
+    path = tmp_path / "model.pt"      # the command line, in one process, of the 2-rank ep_size 2 checkpoint
+    cli = subprocess.run([sys.executable, "-m", "mfrnet_ds.export", str(out), str(path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and f"wrote {path}" in cli.stdout, cli.stderr[-2000:]
     config, model = load_exported(path)
     assert config.model.frm.ep_size == 1 and len(model.vit.blocks[3].mlp.local_experts) == 4
     engine_q = torch.load(emb_file, weights_only=True)

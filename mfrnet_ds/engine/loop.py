@@ -374,6 +374,8 @@ def _log_step(engine, parts, state, window, info, tracker, bar, out_dir: Path):
         metrics[f"balance/{name}"] = balance
         loads.append(f"{name}[{' '.join(f'{x:.2f}' for x in share)}] drop {d:.2f}")
     tracker.log_metrics(metrics, state["step"])
+    # a run that started offline gets its id when the store comes back: checkpoints then resume that run
+    state["run_id"] = tracker.run_id or state["run_id"]
     with open(out_dir / "train_log.jsonl", "a") as f:   # plain-text record next to the tracker's
         f.write(json.dumps({"step": state["step"], "time": time.time(), **metrics}) + "\n")
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
@@ -442,7 +444,8 @@ def _start_tracking(config, info, manifest, ds_config, run_id):
     """Rank 0 opens (or, on resume, reopens) the MLflow run; other ranks get a tracker that does nothing."""
     if not config.tracking.enabled:
         return NullTracker()
-    tracker = tracker_for_rank(info.rank, config.train.out_dir, tracking_uri=config.tracking.uri or None)
+    tracker = tracker_for_rank(info.rank, config.train.out_dir, tracking_uri=config.tracking.uri or None,
+                               reconnect_s=config.tracking.reconnect_s)
     m = config.model
     params = {"config": config.to_dict(), "deepspeed": ds_config, "world_size": info.world_size,
               "git_commit": _git_commit(),

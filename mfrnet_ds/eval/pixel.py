@@ -3,7 +3,7 @@
 Each sample becomes one vector, its three modalities resized (as evaluation resizes them) to 1/8 of the model's
 input size and flattened (3 x 3 x 32 x 16 = 4,608 values at 256x128), L2-normalised and scored exactly like a
 model embedding. Computed once per shard set and size and cached in the shard folder
-(`pixel_baseline_<H>x<W>.json`; where that folder is read-only it is recomputed per run). Damaged samples are
+(`pixel_baseline_<H>x<W>.json`; where that folder is read-only or remote it is recomputed per run). Damaged samples are
 left out as in the model's evaluation (eval/embed.py); a baseline computed on damaged shards is not written
 to the cache (once the shards are repaired it is computed on all samples), only kept for this process.
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mfrnet_ds.eval.embed import extract, same_shards, score
+from mfrnet_ds.stream.source import ShardSource
 
 log = logging.getLogger("mfrnet_ds.eval")
 _COMPUTED: dict[tuple[str, tuple[int, int]], dict[str, float]] = {}
@@ -40,12 +41,14 @@ def pixel_baseline(shards: str | Path, manifest: dict, img_size, *, batch_size: 
                    num_workers: int = 1) -> dict[str, float]:
     """mAP / R1 / R5 / R10 (percent) of raw-pixel matching; one process, no model."""
     size = pixel_size(img_size)
-    cache = Path(shards) / f"pixel_baseline_{size[0]}x{size[1]}.json"
-    try:
-        return json.loads(cache.read_text())
+    where = ShardSource(shards)
+    name = f"pixel_baseline_{size[0]}x{size[1]}.json"
+    try:   # a remote shard set is read for a cache too (it is never written there)
+        return json.loads(where.read_bytes(name))
     except (OSError, ValueError):
         pass
-    key = (str(Path(shards).resolve()), size)
+    cache = where.local_dir / name if where.local_dir is not None else None
+    key = (str(cache.parent.resolve()) if cache is not None else where.spec, size)
     if key in _COMPUTED:          # a read-only shard folder: computed once per process, not per evaluation
         return _COMPUTED[key]
     kw = dict(img_size=size, batch_size=batch_size, rank=0, world_size=1, device=torch.device("cpu"),
@@ -55,8 +58,9 @@ def pixel_baseline(shards: str | Path, manifest: dict, img_size, *, batch_size: 
     result = score(query, gallery, manifest["dataset"])
     _COMPUTED[key] = result
     damaged = len(query["damaged"]) + (0 if gallery is query else len(gallery["damaged"]))
-    if damaged:
-        log.info("pixel baseline computed without %d damaged sample(s): not cached in %s", damaged, shards)
+    if damaged or cache is None:
+        if damaged:
+            log.info("pixel baseline computed without %d damaged sample(s): not cached in %s", damaged, shards)
         return result
     try:
         tmp = cache.with_name(f".{cache.name}.tmp")

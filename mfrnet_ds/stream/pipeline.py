@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from mfrnet_ds.config import UserError
 from mfrnet_ds.stream import augment as aug
 from mfrnet_ds.stream.reader import Damage, RawSample, decode, iter_shard, read_manifest
+from mfrnet_ds.stream.source import ShardSource
 
 __all__ = ["train_loader", "eval_loader", "read_manifest", "stream_sources", "split_mode", "TrainStream", "EvalStream"]
 
@@ -136,7 +137,7 @@ class TrainStream(IterableDataset):
                  accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True,
                  epochs: int = 1):
         super().__init__()
-        self.dir = Path(shards_dir)
+        self.dir = ShardSource(shards_dir)   # a folder, URL or pipe: (stream/source.py)
         manifest = read_manifest(self.dir)
         train = manifest["splits"]["train"]
         if train["num_samples"] == 0:
@@ -160,6 +161,7 @@ class TrainStream(IterableDataset):
             raise ValueError(f"start_batch={start_batch} outside 0..{self.num_batches} (batches_per_epoch)")
         shards = [s for s in train["shards"] if s["num_samples"] > 0]
         self.shards = [s["name"] for s in shards]
+        self.counts = {s["name"]: s["num_samples"] for s in shards}
         self.streams = max(1, num_workers)
         self.mode = split_mode([s.get("num_ids", 0) for s in shards], manifest["num_classes"], self.streams, self.p)
         if epochs < 1:
@@ -230,7 +232,10 @@ class TrainStream(IterableDataset):
         sources = stream_sources(self.shards, seed=self.seed, epoch=epoch, pass_index=pass_index,
                                  stream=stream, num_streams=self.streams, shared=self.mode != "shard")
         for name, part, parts in sources:
-            for ordinal, sample in enumerate(iter_shard(self.dir / name, self.damage)):
+            # remote: a shard that ends early without an error is damage too (a local one is as it was built)
+            expected = self.counts[name] if self.dir.is_remote else None
+            samples = iter_shard(self.dir, name, self.damage, expected=expected)
+            for ordinal, sample in enumerate(samples):
                 share = sample.meta["label"] if self.mode == "label" else ordinal
                 if parts == 1 or share % parts == part:
                     yield sample
@@ -325,7 +330,7 @@ class EvalStream(IterableDataset):
             raise ValueError(f"split={split!r}: expected 'query' or 'gallery'")
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size} must be >= 1 and rank={rank} in 0..{world_size - 1}")
-        self.dir = Path(shards_dir)
+        self.dir = ShardSource(shards_dir)   # a folder, URL or pipe: (stream/source.py)
         entry = read_manifest(self.dir)["splits"][split]
         self.shards = [(s["name"], s["num_samples"]) for s in entry["shards"]]
         total = sum(n for _, n in self.shards)
@@ -385,7 +390,7 @@ class EvalStream(IterableDataset):
             wanted = sorted(p for p in needed if offset <= p < offset + count)
             if wanted:
                 seen = set()
-                samples = iter_shard(self.dir / name, self.damage, with_damaged=True)
+                samples = iter_shard(self.dir, name, self.damage, with_damaged=True)
                 for ordinal, sample in enumerate(samples):
                     pos = offset + ordinal
                     if pos > wanted[-1]:

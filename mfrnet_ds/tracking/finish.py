@@ -77,9 +77,9 @@ def finalize_run(tracker, *, out_dir: Path, ckpt_dir: Path, shards: str, manifes
 def _copy_manifest(shards, manifest: dict, out_dir: Path) -> Path:
     target = out_dir / "manifest.json"
     source = Path(shards) / "manifest.json"
-    if source.is_file():
+    if "://" not in str(shards) and not str(shards).startswith("pipe:") and source.is_file():
         shutil.copyfile(source, target)
-    else:  # shards moved away during training: the copy the trainer read is still good
+    else:  # remote shards, or moved away during training: the copy the trainer read is still good
         target.write_text(json.dumps(manifest, indent=2))
     return target
 

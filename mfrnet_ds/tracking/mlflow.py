@@ -9,13 +9,18 @@
 Store: `MLFLOW_TRACKING_URI` when set, else an embedded sqlite file `<out_dir>/mlflow.db` with
 artifacts in `<out_dir>/mlartifacts` (no server). Tracking never stops training: when the store
 cannot be reached (at start or later) the tracker warns once and appends everything from then on to
-`<out_dir>/mlflow_offline.jsonl`; `python -m mfrnet_ds.tracking.replay FILE` imports it later.
+`<out_dir>/mlflow_offline.jsonl`. While offline it asks the store again every `reconnect_s` seconds
+(tracking.reconnect_s; a tracking server's /health answers without retries) and at close; once the
+store answers, the offline part is replayed into the same run (tracking/replay.py, which remembers how
+far it got) and logging goes on online, both logged. A store still unreachable at the end leaves the
+file for `python -m mfrnet_ds.tracking.replay FILE`, and the log says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 import warnings
@@ -37,6 +42,7 @@ from mfrnet_ds.tracking.offline import OfflineLog
 DB_NAME = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 OFFLINE_NAME = "mlflow_offline.jsonl"
+log = logging.getLogger("mfrnet_ds.tracking")
 
 
 class TrackingWarning(UserWarning):
@@ -159,7 +165,7 @@ class MlflowTracker:
     def __init__(self, out_dir: str | os.PathLike, *, tracking_uri: str | None = None,
                  offline_file: str | os.PathLike | None = None, system_metrics: bool = True,
                  system_metrics_interval: float = 10.0, http_max_retries: int = 2, http_timeout: int = 10,
-                 http_backoff: int = 1):
+                 http_backoff: int = 1, reconnect_s: float = 30.0):
         self.out_dir = Path(out_dir).resolve()
         self.tracking_uri = resolve_tracking_uri(tracking_uri, self.out_dir)
         self.offline = OfflineLog(offline_file or self.out_dir / OFFLINE_NAME)
@@ -172,6 +178,8 @@ class MlflowTracker:
         self._monitor = None
         self._start_record: dict | None = None
         self._closed = False
+        self.reconnect_s = reconnect_s
+        self._last_probe = 0.0
 
     # -- lifecycle
 
@@ -278,16 +286,19 @@ class MlflowTracker:
         """Run `online` against the store, or append `record` to the offline log."""
         if record["type"] != "end":
             self._require_started()
-        for attempt in range(2 if not self.is_offline else 0):
+        # a second try for a busy sqlite file ("database is locked"); MLflow's HTTP client retries by itself
+        attempts = 0 if self.is_offline else 1 if self.tracking_uri.startswith(("http://", "https://")) else 2
+        for attempt in range(attempts):
             try:
                 online()
                 return
             except Exception as exc:  # noqa: BLE001 - any store failure must not stop training
-                if attempt == 0:  # one more try: a busy sqlite file ("database is locked") recovers
+                if attempt + 1 < attempts:
                     time.sleep(0.5)
                     continue
                 self._go_offline(where, exc)
         self.offline.append(record)
+        self._reconnect(force=record["type"] == "end")
 
     def _offline_side_file(self, text: str, artifact_file: str) -> None:
         side = self.offline.write_side_file(artifact_file, text)
@@ -306,6 +317,32 @@ class MlflowTracker:
                       f"{self.offline.path}. Import it later with: python -m mfrnet_ds.tracking.replay "
                       f"{self.offline.path} [--uri URI]", TrackingWarning, stacklevel=3)
         self.offline.append({**self._start_record, "run_id": self.run_id, "timestamp": _now_ms()})
+
+    def _reconnect(self, force: bool = False) -> None:
+        """Offline and the store answers again (asked at most every reconnect_s, always when `force`): replay
+        the offline log into the run and go back online."""
+        if not self.is_offline or (not force and time.monotonic() - self._last_probe < self.reconnect_s):
+            return
+        self._last_probe = time.monotonic()
+        from mfrnet_ds.tracking.replay import replay, store_answers   # late: replay imports this module
+
+        if not store_answers(self.tracking_uri):
+            if force:
+                log.warning("MLflow store %s still unreachable at the end of the run: the steps logged since it "
+                            "went away are only in %s; import them with: python -m mfrnet_ds.tracking.replay %s",
+                            self.tracking_uri, self.offline.path, self.offline.path)
+            return
+        try:
+            run_ids = replay(self.offline.path, self.tracking_uri, close_open_run=False)
+        except Exception as exc:  # noqa: BLE001 - a store that fails again: stay offline, ask again later
+            log.warning("MLflow store %s answers again but the replay of %s failed (%s: %s); staying offline",
+                        self.tracking_uri, self.offline.path, type(exc).__name__, str(exc)[:300])
+            return
+        self.run_id = self.run_id or (run_ids[-1] if run_ids else None)  # a run first created by the replay
+        self._client = self._client or MlflowClient(self.tracking_uri)
+        self.is_offline = False
+        log.warning("MLflow store %s is back: what was logged while it was unreachable (%s) is replayed into "
+                    "run %s; logging goes on online", self.tracking_uri, self.offline.path, self.run_id)
 
     def _start_system_metrics(self, resume: bool) -> None:
         try:

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -41,8 +42,10 @@ def _existing_run(client: MlflowClient, run_id: str | None):
         return None
 
 
-def replay(path: str | Path, uri: str | None = None, force: bool = False) -> list[str]:
-    """Import the runs of the log not imported yet; returns the run ids written to."""
+def replay(path: str | Path, uri: str | None = None, force: bool = False, close_open_run: bool = True) -> list[str]:
+    """Import the runs of the log not imported yet; returns the run ids written to. A run whose log has no
+    end record yet is marked KILLED, unless `close_open_run` is False (the tracker replaying its own live
+    run when the store is back)."""
     path = Path(path).resolve()
     marker = path.with_name(path.name + ".replayed")
     uri = resolve_tracking_uri(uri, path.parent)
@@ -61,7 +64,7 @@ def replay(path: str | Path, uri: str | None = None, force: bool = False) -> lis
     for _, record in tqdm(records, desc=f"replay {path.name}", unit="rec", disable=len(records) < 1000):
         kind = record["type"]
         if kind == "start":
-            if run_id:  # the previous writer died without closing its run
+            if run_id and run_id != record.get("run_id"):  # the previous writer died without closing its run
                 client.set_terminated(run_id, status="KILLED")
             run_id = _start(client, uri, record)
             run_ids.append(run_id)
@@ -81,13 +84,29 @@ def replay(path: str | Path, uri: str | None = None, force: bool = False) -> lis
         elif kind == "end":
             client.set_terminated(run_id, status=record["status"], end_time=record["timestamp"])
             run_id = None
-    if run_id:  # no end record (yet): KILLED until a later import brings the real end
+    if run_id and close_open_run:  # no end record (yet): KILLED until a later import brings the real end
         client.set_terminated(run_id, status="KILLED")
     marker.write_text(json.dumps({"uri": uri, "lines": records[-1][0], "last_run_id": run_id or run_ids[-1],
                                   "open": run_id is not None,
                                   "run_ids": sorted(set((done or {}).get("run_ids", []) + run_ids)),
                                   "time": time.strftime("%Y-%m-%d %H:%M:%S")}))
     return run_ids
+
+
+def store_answers(uri: str, timeout: float = 2.0) -> bool:
+    """Whether the store answers now: a tracking server's /health (one request, no retries), else one
+    cheap query of a database store."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                return response.status == 200
+        except OSError:
+            return False
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _start(client: MlflowClient, uri: str, record: dict) -> str:

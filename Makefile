@@ -42,7 +42,7 @@ cluster-packages:
 	fi
 
 test: setup cluster-packages
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS) tests
 
 demo: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh

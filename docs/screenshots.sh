@@ -3,7 +3,6 @@
 #   docs/img/mlflow_runs.png      the runs table (the link the README gives)
 #   docs/img/mlflow_run.png       one run's page (description, tags, datasets, logged model)
 #   docs/img/mlflow_compare.png   the compare page of the two runs
-#   docs/img/mlflow_charts.png    the run's model metrics (eval/, moe/, train/ sections)
 #
 #   bash docs/screenshots.sh [WORK_DIR]      # by hand; CI does not run it (needs Debian's `chromium`)
 #
@@ -17,8 +16,10 @@ PORT=${PORT:-5791}
 IMG=$ROOT/docs/img
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 command -v chromium >/dev/null || { echo "error: chromium not found: apt-get install -y chromium" >&2; exit 2; }
-rm -rf "$WORK" && mkdir -p "$WORK" "$IMG"
 OUT=$WORK/run
+mkdir -p "$IMG"
+if [ -z "${REUSE:-}" ]; then   # REUSE=1: photograph the runs already in WORK_DIR
+rm -rf "$WORK" && mkdir -p "$WORK"
 
 python - "$WORK" <<'EOF'
 import sys
@@ -37,25 +38,29 @@ train() {  # one tiny run into $OUT's store; its own out_dir so checkpoints do n
 mkdir -p "$OUT"
 train run "model.frm.num_experts=4"
 train run_e2 "model.frm.num_experts=2" "model.frm.top_k=1"
+fi
 
-python -m mfrnet_ds.tracking.ui "$OUT" --port "$PORT" > "$WORK/ui.log" 2>&1 &
+# its own session, so that stopping it stops the server's workers too; no background job runner needed
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid python -m mfrnet_ds.tracking.ui "$OUT" --port "$PORT" \
+    > "$WORK/ui.log" 2>&1 &
 UI=$!
-trap 'kill $UI 2>/dev/null; wait $UI 2>/dev/null || true' EXIT
+trap 'kill -- -$UI 2>/dev/null; wait $UI 2>/dev/null || true' EXIT
 for _ in $(seq 90); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 1; done
 
-read -r RUNS RUN COMPARE < <(python - "$OUT" "$PORT" <<'EOF'
+URLS=$(python -c '
 import sys
 from mlflow.tracking import MlflowClient
-from mfrnet_ds.tracking.ui import compare_url, runs_url
+from mfrnet_ds.tracking.ui import compare_url, run_url, runs_url
 base = f"http://127.0.0.1:{sys.argv[2]}"
 client = MlflowClient(f"sqlite:///{sys.argv[1]}/mlflow.db")
 exp = client.get_experiment_by_name("demo").experiment_id
 ids = [r.info.run_id for r in client.search_runs([exp], order_by=["attributes.start_time ASC"])]
-print(runs_url(base, exp), f"{base}/#/experiments/{exp}/runs/{ids[0]}", compare_url(base, exp, ids))
-EOF
-)
+print(runs_url(base, exp), run_url(base, exp, ids[0]), compare_url(base, exp, ids))
+' "$OUT" "$PORT")
+read -r RUNS RUN COMPARE <<< "$URLS"
 
 shot() {  # name url: a 1600x1000 page, rendered with 15 s of virtual time for the React UI to load
+    # (the run's "Model metrics" charts stay blank in headless Chromium, so they are not photographed)
     chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --virtual-time-budget=15000 \
         --window-size=1600,1000 --screenshot="$IMG/$1" "$2" >/dev/null 2>&1
     python -c "from PIL import Image; im = Image.open('$IMG/$1'); \
@@ -64,5 +69,4 @@ im.convert('P', palette=Image.ADAPTIVE, colors=128).save('$IMG/$1', optimize=Tru
 }
 shot mlflow_runs.png "$RUNS"
 shot mlflow_run.png "$RUN"
-shot mlflow_charts.png "${RUN}/model-metrics"
 shot mlflow_compare.png "$COMPARE"

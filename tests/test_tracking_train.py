@@ -10,6 +10,7 @@ import sys
 import mlflow
 import pytest
 
+import mfrnet_ds.tracking  # noqa: F401 - this process's MLflow client resolves the store's mlflow-artifacts:/ URIs
 from launcher import ROOT
 from mfrnet_ds.shards import build
 from mfrnet_ds.synth import make_tree
@@ -253,8 +254,8 @@ def test_moved_run_folder_lists_and_downloads_its_artifacts(runs, served, tmp_pa
     assert {"config.json", "eval_log.jsonl", "model.pt", "experts"} <= {f["path"] for f in listed["files"]}
     config = json.loads(_rest(base, f"/get-artifact?path=config.json&run_uuid={run_id}"))
     assert config["model"]["preset"] == "tiny"
-    # the moved sqlite store read without a server, by MLflow's client in this process
-    from mfrnet_ds import tracking  # noqa: F401 - resolves mlflow-artifacts:/ beside the moved store
+    # the moved sqlite store read without a server, by MLflow's client in this process (mfrnet_ds.tracking
+    # imported above resolves mlflow-artifacts:/ beside the moved store)
     client = mlflow.MlflowClient(f"sqlite:///{moved}/mlflow.db")
     assert "manifest.json" in {a.path for a in client.list_artifacts(run_id)}
     got = client.download_artifacts(run_id, "experts/expert_shares.json", str(tmp_path))
@@ -310,7 +311,6 @@ def test_server_shows_model_datasets_tags_and_the_model_embeds_like_evaluate(run
 def test_expert_picture_shares_are_the_logged_evaluation_metric(runs, tmp_path):
     run_id = runs["resumed"][0]["run_id"]
     uri = f"sqlite:///{runs['out']}/mlflow.db"
-    from mfrnet_ds import tracking  # noqa: F401
     got = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="experts/expert_shares.json",
                                               dst_path=str(tmp_path), tracking_uri=uri)
     picture = json.loads(open(got).read())

@@ -111,6 +111,9 @@ def shard_datasets(manifest: dict, shards: str):
         def profile(self):
             return self._profile
 
+        def to_dict(self):   # MLflow's base class leaves the profile out of what it stores
+            return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
     source = LocalArtifactDatasetSource(str(Path(shards).resolve() / "manifest.json"))
     digest = manifest_digest(manifest)
     out = []

@@ -26,7 +26,7 @@ def sqlite_path(uri: str | None) -> Path | None:
     """The database file of a `sqlite:///...` URI, else None."""
     if not uri or not uri.startswith("sqlite:///"):
         return None
-    return Path(urlparse(uri).path if uri.startswith("sqlite:////") else uri[len("sqlite:///"):])
+    return Path(uri[len("sqlite:///"):])   # sqlite:////abs/path -> /abs/path; sqlite:///rel -> rel
 
 
 def artifact_root(uri: str) -> Path | None:

@@ -33,6 +33,11 @@ def runs_url(base: str, experiment_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    """One run's page, in the "Model training" workflow (its side bar leads back to the runs table)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
     """MLflow's compare page for the given runs of one experiment."""
     runs = quote(json.dumps(list(run_ids), separators=(",", ":")))

@@ -229,7 +229,8 @@ def served(runs, tmp_path_factory):
     shutil.move(copy, moved)
     port = free_port()
     server = subprocess.Popen(server_command(moved, port=port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)   # the server's workers share its session: one killpg ends all
+                              start_new_session=True,   # the server's workers share its session: one killpg ends all
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -241,7 +242,7 @@ def served(runs, tmp_path_factory):
                 time.sleep(0.5)
         yield {"base": base, "moved": moved}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        os.killpg(server.pid, signal.SIGKILL)   # read-only use: nothing to flush; SIGTERM takes ~30 s here
         server.wait(timeout=30)
 
 
@@ -262,9 +263,16 @@ def test_moved_run_folder_lists_and_downloads_its_artifacts(runs, served, tmp_pa
     assert json.loads(open(got).read())["layer"] == "frm.3"
 
 
-def test_server_shows_model_datasets_tags_and_the_model_embeds_like_evaluate(runs, served, tmp_path):
+def test_server_shows_model_datasets_tags_and_the_model_embeds_like_evaluate(runs, served, tmp_path, request):
     base = served["base"]
     run_id = runs["resumed"][0]["run_id"]
+    # launch/evaluate.py embeds the query split of the latest checkpoint, meanwhile the REST API is checked
+    ours, theirs = tmp_path / "mlflow_query.pt", tmp_path / "evaluate_query.pt"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    evaluate = subprocess.Popen([sys.executable, str(ROOT / "launch/evaluate.py"), "--checkpoint", str(runs["out"]),
+                                 "--shards", str(runs["shards"]), "--batch", "16", "--save-embeddings", str(theirs)],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    request.addfinalizer(evaluate.kill)   # a failed check below must not leave it running
     run = _rest(base, f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"]) and tags["mlflow.source.git.branch"]
@@ -286,21 +294,19 @@ def test_server_shows_model_datasets_tags_and_the_model_embeds_like_evaluate(run
 
     models = _rest(base, "/api/2.0/mlflow/logged-models/search",
                    {"experiment_ids": [run["info"]["experiment_id"]]})["models"]
-    model = [m for m in models if m["info"]["source_run_id"] == run_id][-1]
+    # the resumed run logged a model at each end of training: the newest holds the latest checkpoint's weights
+    model = max((m for m in models if m["info"]["source_run_id"] == run_id),
+                key=lambda m: int(m["info"]["creation_timestamp_ms"]))
     model_id = model["info"]["model_id"]
     mlmodel = _rest(base, f"/ajax-api/2.0/mlflow/logged-models/{model_id}/artifacts/files?artifact_file_path=MLmodel")
     assert b"pytorch" in mlmodel and b"signature" in mlmodel and b"saved_input_example_info" in mlmodel
 
-    # another process loads the logged model through the server; evaluate.py embeds the same query split
-    ours, theirs = tmp_path / "mlflow_query.pt", tmp_path / "evaluate_query.pt"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # another process loads the logged model through the server and embeds the same query split
     load = subprocess.run([sys.executable, "-c", LOAD_AND_EMBED, base, f"models:/{model_id}", str(runs["shards"]),
                            str(ours)], capture_output=True, text=True, timeout=300, env=env)
     assert load.returncode == 0, load.stderr[-4000:]
-    evaluate = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), "--checkpoint", str(runs["out"]),
-                               "--shards", str(runs["shards"]), "--batch", "16", "--save-embeddings", str(theirs)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert evaluate.returncode == 0, evaluate.stderr[-4000:]
+    _, err = evaluate.communicate(timeout=300)
+    assert evaluate.returncode == 0, err[-4000:]
     import torch
 
     a, b = torch.load(ours, weights_only=True), torch.load(theirs, weights_only=True)

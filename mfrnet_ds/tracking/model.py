@@ -10,6 +10,8 @@ else: no DeepSpeed launcher, no checkpoint folder, no network. The embeddings ar
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -53,6 +55,12 @@ def log_pytorch_model(tracking_uri: str, run_id: str, loaded, shards, registered
     num_params = sum(p.numel() for p in model.parameters())
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
+    # MLflow checks the input example through the pyfunc flavour, which takes one tensor, not (images,
+    # camids): that check always fails and logs the whole example (megabytes of numbers at 256x128) as a
+    # warning. mlflow.pytorch.load_model is the way in (docs/TRACKING.md); keep that log quiet.
+    quiet = logging.getLogger("mlflow.models.model")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             return mlflow.pytorch.log_model(
@@ -66,4 +74,5 @@ def log_pytorch_model(tracking_uri: str, run_id: str, loaded, shards, registered
                 metadata={"embedding_dim": dim, "img_size": list(config.model.img_size),
                           "modalities": ["rgb", "nir", "tir"]})
     finally:
+        quiet.setLevel(level)
         mlflow.set_tracking_uri(previous)

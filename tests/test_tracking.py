@@ -412,3 +412,29 @@ def test_sqlite_store_records_artifacts_relative_to_it(tmp_path):
     got = MlflowClient(f"sqlite:///{tmp_path / 'b/mlflow.db'}").download_artifacts(tracker.run_id, "d/x.json",
                                                                                  str(tmp_path))
     assert json.loads(open(got).read()) == {"x": 1}
+
+
+def test_logged_model_registers_by_name_and_embeds_like_the_model(person_shards, tmp_path):
+    import torch
+
+    from mfrnet_ds.config import load_config
+    from mfrnet_ds.model import build_model
+    from mfrnet_ds.tracking.model import log_pytorch_model
+    from mfrnet_ds.viz import take_samples
+
+    config = load_config(None, ["model.preset=tiny", "model.img_size=[64,32]", "model.num_classes=8"])
+    model = build_model(config).eval()
+    tracker = MlflowTracker(tmp_path / "out", system_metrics=False)
+    with tracker:
+        tracker.start("models", "r", {})
+        info = tracker.online("log_model", lambda client, run_id: log_pytorch_model(
+            tracker.tracking_uri, run_id, (config, model), str(person_shards), "mfrnet-tiny"))
+    assert info is not None and info.signature is not None and info.saved_input_example_info is not None
+    assert info.signature.inputs.input_names() == ["images", "camids"]
+    assert MlflowClient(tracker.tracking_uri).get_latest_versions("mfrnet-tiny")[0].version in (1, "1")
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    loaded = mlflow.pytorch.load_model("models:/mfrnet-tiny/1")
+    batch = take_samples(person_shards, "query", 3, (64, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch["images"], batch["camids"]),
+                                   model(batch["images"], batch["camids"]).embedding, atol=1e-6, rtol=0)

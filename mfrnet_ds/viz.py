@@ -225,27 +225,31 @@ def render_sample(images: np.ndarray, routes: np.ndarray, grid: TokenGrid, colou
     return canvas, layout
 
 
-def plot_shares(counts: np.ndarray, path: Path, layer: str, colours: np.ndarray, num_samples: int) -> Path:
-    """Grouped bars: per expert, the percentage of each modality's tokens it received."""
+def plot_shares(counts: np.ndarray, path: Path, layer: str, colours: np.ndarray, num_samples: int,
+                split: str = "query") -> Path:
+    """Grouped bars: per expert, the percentage of each modality's tokens it received; under each expert
+    its share of all routed tokens (the metric eval/moe/<layer>/expert_<e>_share)."""
     E = counts.shape[1] - 1
     show_dropped = counts[:, E].sum() > 0
     columns = E + 1 if show_dropped else E
     shares = 100 * counts[:, :columns] / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * columns), 3.8))
+    overall = routed_shares(counts)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.0 + 0.9 * columns), 4.4))
     x = np.arange(columns)
     width = 0.8 / 3
     for m, name in enumerate(MODALITIES):
         ax.bar(x + (m - 1) * width, shares[m], width, label=name, color=MODALITY_COLOURS[m])
-    ax.set_xticks(x, [f"e{e}" for e in range(E)] + (["dropped"] if show_dropped else []))
+    ax.set_xticks(x, [f"e{e}\n{100 * overall[e]:.1f}% of all" for e in range(E)]
+                  + (["dropped"] if show_dropped else []))
     for e, label in enumerate(ax.get_xticklabels()[:E]):
         label.set_color(colours[e] / 255)  # the tint of the sample pictures
         label.set_fontweight("bold")
     ax.set_ylabel("% of the modality's tokens")
-    ax.set_title(f"{layer}: tokens per expert by modality ({num_samples} samples)", fontsize=10)
+    ax.set_title(f"{layer}: tokens per expert by modality ({num_samples} {split} samples)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.text(0.5, 0.01, textwrap.fill(CAPTION.format(layer=layer), 110), ha="center", va="bottom", fontsize=7)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.text(0.5, 0.01, textwrap.fill(CAPTION.format(layer=layer), 95), ha="center", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -300,15 +304,16 @@ def _read_split(shards, split: str, img_size, *, stop: int, batch_size: int = 32
 
 def spread_samples(pids: list[int], cams: list[int], n: int) -> list[int]:
     """Positions of n samples covering as many identities and cameras as there are: each pick prefers a new
-    identity and a new camera, then a new identity, then a new (identity, camera) pair, then any."""
+    identity, then the camera picked least so far, then a new (identity, camera) pair, then split order."""
     chosen: list[int] = []
-    seen_pid, seen_cam, seen_pair = set(), set(), set()
+    seen_pid, seen_pair, per_cam = set(), set(), {c: 0 for c in cams}
     while len(chosen) < min(n, len(pids)):
-        def rank(i):
-            return (pids[i] in seen_pid, cams[i] in seen_cam, (pids[i], cams[i]) in seen_pair, i)
-        best = min((i for i in range(len(pids)) if i not in chosen), key=rank)
+        best = min((i for i in range(len(pids)) if i not in chosen),
+                   key=lambda i: (pids[i] in seen_pid, per_cam[cams[i]], (pids[i], cams[i]) in seen_pair, i))
         chosen.append(best)
-        seen_pid.add(pids[best]); seen_cam.add(cams[best]); seen_pair.add((pids[best], cams[best]))  # noqa: E702
+        seen_pid.add(pids[best])
+        seen_pair.add((pids[best], cams[best]))
+        per_cam[cams[best]] += 1
     return sorted(chosen)
 
 
@@ -329,8 +334,8 @@ def routed_shares(counts: np.ndarray) -> list[float]:
     return (routed / max(1, int(routed.sum()))).tolist()
 
 
-CAPTION = ("evaluation mode, as at test time: each token's top-1 expert without the router's training noise, "
-           "so the shares can differ from the training metric moe/{layer}/expert_<e>_share")
+CAPTION = ("Routing in evaluation mode, as at test time: each token's top-1 expert without the router's training "
+           "noise; the training metric moe/{layer}/expert_<e>_share, measured with that noise, can differ.")
 
 
 def expert_pictures(model, shards, out, *, n: int = 8, split: str = "query", layer: str | None = None,
@@ -370,7 +375,7 @@ def expert_pictures(model, shards, out, *, n: int = 8, split: str = "query", lay
         described.append({"file": path.name, "pid": pid, "camid": cam, "position": position})
     counts = token_counts(all_routes, moe.num_experts)
     shares = routed_shares(counts)
-    chart = plot_shares(counts, out / "expert_shares.png", moe.name, colours, len(all_routes))
+    chart = plot_shares(counts, out / "expert_shares.png", moe.name, colours, len(all_routes), split)
     summary = out / "expert_shares.json"
     summary.write_text(json.dumps({
         "layer": moe.name, "split": split, "num_experts": moe.num_experts, "tokens_per_image": grid.tokens,

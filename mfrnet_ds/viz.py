@@ -42,6 +42,8 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from mfrnet_ds.viz_samples import read_split, spread_samples, take_samples  # noqa: E402,F401 - take_samples: API
+
 MODALITIES = ("rgb", "nir", "tir")
 PANEL_NAMES = ("RGB", "NIR", "TIR")
 TINT_ALPHA = 0.5
@@ -268,58 +270,9 @@ class ExpertPictures:
     layer: str
 
 
-def take_samples(shards, split: str, n: int, img_size) -> dict[str, torch.Tensor]:
-    """The first n valid samples of a split, read with the evaluation loader (no workers)."""
-    return _read_split(shards, split, img_size, stop=n, batch_size=n)
-
-
-def _read_split(shards, split: str, img_size, *, stop: int, batch_size: int = 32, keep_images=None):
-    """Valid samples 0..stop-1 of a split: pids, camids, split positions, and images (all, or those at the
-    positions in `keep_images`)."""
-    from mfrnet_ds.stream.pipeline import eval_loader
-
-    if stop < 1:
-        raise ValueError(f"n={stop}: expected >= 1")
-    keep: dict[str, list[torch.Tensor]] = {"images": [], "pids": [], "camids": [], "position": []}
-    got = 0
-    for batch in eval_loader(shards, split, batch_size=batch_size, img_size=img_size, num_workers=0):
-        valid = batch["valid"]
-        position = torch.arange(got, got + int(valid.sum()))
-        images = batch["images"][valid]
-        if keep_images is not None:
-            wanted = torch.tensor([int(p) in keep_images for p in position], dtype=torch.bool)
-            images = images[wanted]
-        keep["images"].append(images)
-        keep["pids"].append(batch["pids"][valid])
-        keep["camids"].append(batch["camids"][valid])
-        keep["position"].append(position)
-        got += int(valid.sum())
-        if got >= stop:
-            break
-    if got == 0:
-        raise ValueError(f"{shards}: split {split!r} has no readable sample")
-    out = {key: torch.cat(parts) for key, parts in keep.items()}
-    return {k: v if k == "images" and keep_images is not None else v[:stop] for k, v in out.items()}
-
-
-def spread_samples(pids: list[int], cams: list[int], n: int) -> list[int]:
-    """Positions of n samples covering as many identities and cameras as there are: each pick prefers a new
-    identity, then the camera picked least so far, then a new (identity, camera) pair, then split order."""
-    chosen: list[int] = []
-    seen_pid, seen_pair, per_cam = set(), set(), {c: 0 for c in cams}
-    while len(chosen) < min(n, len(pids)):
-        best = min((i for i in range(len(pids)) if i not in chosen),
-                   key=lambda i: (pids[i] in seen_pid, per_cam[cams[i]], (pids[i], cams[i]) in seen_pair, i))
-        chosen.append(best)
-        seen_pid.add(pids[best])
-        seen_pair.add((pids[best], cams[best]))
-        per_cam[cams[best]] += 1
-    return sorted(chosen)
-
-
 def route_split(model, shards, split: str, img_size, moe, *, limit: int, batch_size: int = 32):
     """(pids, camids, (N, 3, T) routes) of the first `limit` samples of a split, routed in evaluation mode."""
-    meta = _read_split(shards, split, img_size, stop=limit, batch_size=batch_size)
+    meta = read_split(shards, split, img_size, stop=limit, batch_size=batch_size)
     device = next(model.parameters()).device
     routes = [route_tokens(model, meta["images"][i:i + batch_size].to(device),
                            meta["camids"][i:i + batch_size].to(device), moe)
@@ -358,7 +311,7 @@ def expert_pictures(model, shards, out, *, n: int = 8, split: str = "query", lay
         raise RuntimeError(f"{moe.name}: {all_routes.shape[2]} tokens per image, expected {grid.tokens} "
                            f"({grid.prefix} prefix + {grid.grid[0]}x{grid.grid[1]} patches)")
     picked = spread_samples(pids.tolist(), cams.tolist(), n)
-    images = _read_split(shards, split, img_size, stop=picked[-1] + 1, keep_images=set(picked))["images"]
+    images = read_split(shards, split, img_size, stop=picked[-1] + 1, keep_images=set(picked))["images"]
     routes = all_routes[picked]
     colours = expert_colours(moe.num_experts)
     pixels = denormalise(images)                                     # (n, 3, H, W, 3)

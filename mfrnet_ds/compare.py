@@ -15,7 +15,7 @@ runs written before that logged the flat names (mAP in percent, loss, expert_loa
 and shown in the trainer's units under the flat names; --metric takes either form.
 
 Store: --uri, else MLFLOW_TRACKING_URI, else ./mlflow.db. See the runs in a browser with
-`mlflow ui --backend-store-uri URI --host 127.0.0.1 --port 5000`.
+`python -m mfrnet_ds.tracking.ui STORE_DIR` (it prints the runs-table and compare links).
 """
 
 from __future__ import annotations

@@ -438,3 +438,17 @@ def test_logged_model_registers_by_name_and_embeds_like_the_model(person_shards,
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch["images"], batch["camids"]),
                                    model(batch["images"], batch["camids"]).embedding, atol=1e-6, rtol=0)
+
+
+def test_ui_links_land_on_the_runs_table_and_compare_page(tmp_path, capsys):
+    from mfrnet_ds.tracking.ui import compare_url, main as ui_main, runs_url, server_command
+
+    assert runs_url("http://h:5000/", "3") == "http://h:5000/#/experiments/3/runs?workflowType=machine_learning"
+    assert compare_url("http://h:5000", "3", ["a", "b"]) == \
+        "http://h:5000/#/compare-runs?runs=%5B%22a%22%2C%22b%22%5D&experiments=%5B%223%22%5D"
+    command = server_command(tmp_path / "run", port=5001)
+    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'run/mlflow.db'}"
+    assert command[command.index("--artifacts-destination") + 1] == str(tmp_path / "run/mlartifacts")
+    assert ui_main([str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "mlflow.db does not exist" in err and len(err.splitlines()) == 1

@@ -275,8 +275,11 @@ def test_server_shows_model_datasets_tags_and_the_model_embeds_like_evaluate(run
     request.addfinalizer(evaluate.kill)   # a failed check below must not leave it running
     run = _rest(base, f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"]) and tags["mlflow.source.git.branch"]
-    assert tags["mlflow.source.git.dirty"] in ("true", "false") and tags["mlflow.user"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if head:   # a git checkout (CI's clone): MLflow's own git tags name the commit that trained
+        assert tags["mlflow.source.git.commit"] == head and tags["mlflow.source.git.branch"]
+        assert tags["mlflow.source.git.dirty"] in ("true", "false")
+    assert tags["mlflow.user"]
     assert tags["mlflow.source.name"] == "train.py" and tags["mlflow.source.type"] == "LOCAL"
     assert "preset `tiny`" in tags["mlflow.note.content"] and "**synthetic**" in tags["mlflow.note.content"]
     inputs = run["inputs"]["dataset_inputs"]

@@ -43,6 +43,7 @@ for name, m in (("untrained", before), ("trained", after)):
           f"camera {100 * m['same_camera_nn']:.0f}%")
 print(f"\ncheckpoints: {out / 'run/checkpoints'} (latest, best)")
 print(f"MLflow store: sqlite:///{(out / 'mlflow.db').resolve()}")
-print(f"  mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').resolve()} --host 127.0.0.1 --port 5000")
+print(f"  python -m mfrnet_ds.tracking.ui {out} --port 5000     # then open the runs table:")
+print("  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning")
 print(f"  python -m mfrnet_ds.compare --experiment demo --uri sqlite:///{(out / 'mlflow.db').resolve()} --out {out / 'compare'}")
 PY

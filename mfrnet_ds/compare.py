@@ -4,13 +4,18 @@
                                 [--out DIR] [--uri URI] [--log]
 
 The table lists each run with the params that differ between the runs, best mAP / R1 (over all
-evaluations), the last samples_per_s, and the parameter count / expert counts when logged. PNGs in
+evaluations, percent), the last samples_per_s, and the parameter count / expert counts. PNGs in
 --out: `curve_<metric>.png` (one line per run) and `expert_load_<run>.png` (per run: steps x experts
-for every layer, from the metrics `expert_load/<layer>/<expert>`). `--log` records the comparison
-(table and PNGs) as artifacts of a new run in the same experiment.
+for every layer, from the metrics `moe/<layer>/expert_<e>_share`). `--log` records the comparison
+(table and PNGs) as artifacts of a run in its own experiment `<experiment>-comparisons`, never
+among the training runs.
+
+Metric names: training logs eval/mAP (a fraction), train/loss, moe/... (mfrnet_ds/tracking/names.py);
+runs written before that logged the flat names (mAP in percent, loss, expert_load/...). Both are read
+and shown in the trainer's units under the flat names; --metric takes either form.
 
 Store: --uri, else MLFLOW_TRACKING_URI, else ./mlflow.db. See the runs in a browser with
-`mlflow ui --backend-store-uri URI --host 127.0.0.1 --port 5000`.
+`python -m mfrnet_ds.tracking.ui STORE_DIR` (it prints the runs-table and compare links).
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from mfrnet_ds.tracking import store as _store  # noqa: E402
+from mfrnet_ds.tracking.names import flat_key, from_mlflow  # noqa: E402
+
+_store.install()  # the store's portable artifact locations (mlflow-artifacts:/...) resolve beside it
 
 COMPARISON_TAG = "mfrnet.kind"  # runs written by --log carry "comparison" and are never compared
 EXPERT_LOAD = re.compile(r"^expert_load/(?P<layer>.+)/(?P<expert>[^/]+)$")
@@ -56,7 +66,8 @@ def load_runs(client: MlflowClient, experiment: str | None, run_ids: list[str] |
     """(experiment name, runs DataFrame as from mlflow.search_runs), comparison runs left out."""
     experiments = client.search_experiments()
     if experiment is None:
-        names = [e.name for e in experiments if client.search_runs([e.experiment_id], max_results=1)]
+        names = [e.name for e in experiments if not e.name.endswith("-comparisons")
+                 and client.search_runs([e.experiment_id], max_results=1)]
         if len(names) != 1:
             raise CompareError(f"--experiment is needed: the store has runs in {names or 'no experiment'}")
         experiment = names[0]
@@ -83,15 +94,26 @@ def run_label(row) -> str:
 
 
 def fetch_histories(client: MlflowClient, runs: pd.DataFrame, keys_per_run: dict[str, list[str]]):
-    """{run_id: {metric: (steps, values)}}, with a progress bar over the metric histories."""
+    """{run_id: {flat key: (steps, values in the trainer's units)}} of the MLflow metric names in
+    keys_per_run (new or old names alike), with a progress bar over the metric histories."""
     jobs = [(run_id, key) for run_id, keys in keys_per_run.items() for key in keys]
     histories: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
     for run_id, key in tqdm(jobs, desc="metric histories", unit="metric", file=sys.stderr, leave=False):
         points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-        latest = {m.step: m.value for m in points}  # a step logged twice (resumed run): the last value
+        latest = {m.step: from_mlflow(key, m.value)[1] for m in points}  # a step logged twice: the last value
         steps = np.array(sorted(latest), dtype=np.int64)
-        histories[run_id][key] = (steps, np.array([latest[s] for s in steps], dtype=np.float64))
+        histories[run_id][flat_key(key)] = (steps, np.array([latest[s] for s in steps], dtype=np.float64))
     return histories
+
+
+def metric_column(runs: pd.DataFrame, key: str) -> pd.Series:
+    """The latest value of a flat key per run, from the new name or the old one (trainer's units)."""
+    from mfrnet_ds.tracking.names import mlflow_metrics
+
+    ((name, scale),) = [(n, v) for n, v in mlflow_metrics({key: 1.0}).items()]
+    new = runs.get(f"metrics.{name}", pd.Series(np.nan, index=runs.index)) / scale
+    old = runs.get(f"metrics.{key}", pd.Series(np.nan, index=runs.index)) if name != key else new
+    return new.fillna(old)
 
 
 def build_table(runs: pd.DataFrame, histories) -> pd.DataFrame:
@@ -102,13 +124,13 @@ def build_table(runs: pd.DataFrame, histories) -> pd.DataFrame:
                           "status": runs["status"].values})
     for column in differing + [c for c in size_cols if c not in differing]:
         table[column[len("params."):]] = runs[column].fillna("-").values
-    for metric in ("mAP", "R1"):
+    for metric in ("mAP", "R1"):  # percent, as the trainer prints them
         best = []
         for run_id in runs["run_id"]:
             values = histories.get(run_id, {}).get(metric, (None, np.zeros(0)))[1]
             best.append(float(np.nanmax(values)) if values.size else np.nan)
         table[f"best {metric}"] = best
-    table["samples/s"] = runs.get("metrics.samples_per_s", pd.Series(np.nan, index=runs.index)).values
+    table["samples/s"] = metric_column(runs, "samples_per_s").values
     return table
 
 
@@ -178,17 +200,27 @@ def plot_expert_load(label: str, layers, out: Path) -> Path:
     return path
 
 
+def comparison_experiment(client: MlflowClient, experiment: str, uri: str) -> str:
+    """Id of `<experiment>-comparisons`: comparison runs live there, not among the training runs."""
+    from mfrnet_ds.tracking.mlflow import ensure_experiment
+
+    return ensure_experiment(client, f"{experiment}-comparisons", uri,
+                             f"Comparisons of runs of `{experiment}` written by `python -m mfrnet_ds.compare --log`.")
+
+
 def compare(experiment: str | None, run_ids: list[str] | None, metrics: list[str], out: Path | None, uri: str,
             log: bool = False):
     """Build the table and the plots; returns (experiment, table text, out dir, PNG paths, logged run id)."""
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment, runs = load_runs(client, experiment, run_ids)
+    metrics = [flat_key(m) for m in metrics]   # "eval/mAP" or "mAP": the same curve
     keys_per_run = {}
     for _, row in runs.iterrows():
         logged = {c[len("metrics."):] for c in runs.columns if c.startswith("metrics.") and pd.notna(row[c])}
-        wanted = set(metrics) | {"mAP", "R1"} | {k for k in logged if EXPERT_LOAD.match(k)}
-        keys_per_run[row["run_id"]] = sorted(wanted & logged)
+        wanted = set(metrics) | {"mAP", "R1"}
+        keys_per_run[row["run_id"]] = sorted(k for k in logged
+                                             if flat_key(k) in wanted or EXPERT_LOAD.match(flat_key(k)))
     histories = fetch_histories(client, runs, keys_per_run)
     table = build_table(runs, histories)
 
@@ -207,10 +239,12 @@ def compare(experiment: str | None, run_ids: list[str] | None, metrics: list[str
 
     logged_run = None
     if log:
-        experiment_id = client.get_experiment_by_name(experiment).experiment_id
-        run = client.create_run(experiment_id, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
+        experiment_id = comparison_experiment(client, experiment, uri)
+        run = client.create_run(experiment_id, run_name=f"compare {len(runs)} runs {time.strftime('%m%d-%H%M%S')}",
                                 tags={COMPARISON_TAG: "comparison",
-                                      "mfrnet.compared_runs": " ".join(runs["run_id"])})
+                                      "mfrnet.compared_runs": " ".join(runs["run_id"]),
+                                      "mlflow.note.content": f"Comparison of {len(runs)} runs of `{experiment}`:\n\n"
+                                                             f"```\n{text}\n```"})
         logged_run = run.info.run_id
         client.log_artifacts(logged_run, str(out), "comparison")
         client.set_terminated(logged_run)
@@ -225,7 +259,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="folder for the PNGs and the table (default: "
                         "<store dir>/compare/<experiment> for sqlite stores, else ./compare_out)")
     parser.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    parser.add_argument("--log", action="store_true", help="log the comparison as a new run's artifacts")
+    parser.add_argument("--log", action="store_true", help="log the comparison as the artifacts of a new run "
+                        "in the experiment <experiment>-comparisons")
     args = parser.parse_args(argv)
     try:
         uri = resolve_uri(args.uri)

@@ -176,6 +176,8 @@ class TrackingConfig:
     # while the store is unreachable (numbers go to OUT_DIR/mlflow_offline.jsonl), ask it again this often;
     # once it answers, the offline part is replayed into the run (tracking/mlflow.py)
     reconnect_s: float = 30.0
+    system_metrics_interval: float = 10.0   # seconds between CPU/memory/GPU samples (system/ metrics)
+    register_model: str = ""                # also register the logged model under this name ("": don't)
 
 
 @dataclass
@@ -330,6 +332,9 @@ def check(config: Config, world_size: int | None = None) -> None:
                           f"a batch is P identities x K instances")
     if t.epochs < 1:
         raise ConfigError(f"train.epochs={t.epochs}: expected >= 1")
+    if not config.tracking.system_metrics_interval > 0:
+        raise ConfigError(f"tracking.system_metrics_interval={config.tracking.system_metrics_interval}: expected "
+                          "seconds > 0")
     if world_size is not None:
         derive_batch(config, world_size)
 

@@ -216,6 +216,9 @@ def _clean_previous(out: Path) -> None:
             path.unlink()
 
 
+SYNTHETIC_MARKER = "SYNTHETIC.txt"  # written by mfrnet_ds.synth.make_tree at the root of a raw tree
+
+
 def build(dataset: str, root, out, *, maxcount: int = DEFAULT_MAXCOUNT, workers: int = 1,
           on_error: str = "skip", progress: bool = False, report=None) -> dict:
     """Read the raw tree, write shards, indexes and the manifest; return the manifest.
@@ -260,6 +263,8 @@ def build(dataset: str, root, out, *, maxcount: int = DEFAULT_MAXCOUNT, workers:
         raise BuildError(f"{len(problems)} bad input(s); first: {problems[0].source}: {problems[0].reason}")
 
     manifest = _manifest(raw, results, group_of, raw.problems + problems)
+    # made by mfrnet_ds.synth, not photographed: trackers and reports must say so
+    manifest["synthetic"] = (Path(root) / SYNTHETIC_MARKER).is_file()
     for split in SPLITS:
         _write_json(out / f"{split}.wids.json", _wids_index(dataset, split, raw.splits[split], results, group_of))
     _write_json(out / "manifest.json", manifest)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from mfrnet_ds.shards import SYNTHETIC_MARKER
+
 LAYOUTS = ("rgbnt201", "rgbnt100", "msvr310")
 # (height, width) of one modality, the datasets' native sizes.
 SIZES = {"rgbnt201": (256, 128), "rgbnt100": (128, 256), "msvr310": (128, 256)}
@@ -253,6 +255,9 @@ def make_tree(layout: str, out, *, ids: int = 24, cams: int = 4, per_cam: int = 
     if ids > MAX_PID[layout] or per_cam < 1:
         raise ValueError(f"ids={ids}, per_cam={per_cam}: {layout} allows ids up to {MAX_PID[layout]}, per_cam >= 1")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # shards.build copies this into the manifest ("synthetic": true), so tracking can tell fake from real
+    (out / SYNTHETIC_MARKER).write_text(f"synthetic {layout} tree from mfrnet_ds.synth (seed {seed})\n")
     size, vehicle = SIZES[layout], layout != "rgbnt201"
     # Scene folders exist even when a split ends up empty, as in the real trees.
     for split in ("train", "query", "gallery"):

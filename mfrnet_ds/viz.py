@@ -4,15 +4,19 @@
                                     [--n 8] [--split query] [--layer frm.<i>] [--scale S]
 
 --checkpoint takes a run folder, its checkpoints/ folder or one tag folder (exported to a temporary
-fp32 file first), or a file written by `python -m mfrnet_ds.export`. The first --n valid samples of
-the split are routed in one batch (evaluation mode, as at test time) and written to --out:
+fp32 file first), or a file written by `python -m mfrnet_ds.export`. The first 256 valid samples of the
+split are routed in evaluation mode, as at test time (top-1, no router noise: training-time shares,
+logged as moe/<layer>/expert_<e>_share, can differ - every picture and the chart say so). Their
+token counts make the chart, the JSON and, at the end of training, the metric
+eval/moe/<layer>/expert_<e>_share; --n of them, spread over identities and cameras, are drawn:
 
     experts_<k>_pid<P>_cam<C>.png  RGB | NIR | TIR side by side, every patch tinted by the colour of the
                                    expert its token went to (top-1 choice); a token dropped by the
                                    capacity limit leaves its patch untinted. Panel titles name the
                                    expert of the CLS token; the legend gives each expert's share.
     expert_shares.png              per expert, the share of each modality's tokens it received
-    expert_shares.json             the token counts behind the chart, per modality and expert
+    expert_shares.json             the token counts behind the chart, per modality and expert, and
+                                   `shares`: per expert, its share of all routed tokens
 
 Expert e always has the same colour (`expert_colours`), so pictures of different runs compare.
 """
@@ -24,6 +28,7 @@ import math
 import re
 import sys
 import tempfile
+import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +41,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from mfrnet_ds.viz_samples import read_split, spread_samples, take_samples  # noqa: E402,F401 - take_samples: API
 
 MODALITIES = ("rgb", "nir", "tir")
 PANEL_NAMES = ("RGB", "NIR", "TIR")
@@ -220,26 +227,31 @@ def render_sample(images: np.ndarray, routes: np.ndarray, grid: TokenGrid, colou
     return canvas, layout
 
 
-def plot_shares(counts: np.ndarray, path: Path, layer: str, colours: np.ndarray, num_samples: int) -> Path:
-    """Grouped bars: per expert, the percentage of each modality's tokens it received."""
+def plot_shares(counts: np.ndarray, path: Path, layer: str, colours: np.ndarray, num_samples: int,
+                split: str = "query") -> Path:
+    """Grouped bars: per expert, the percentage of each modality's tokens it received; under each expert
+    its share of all routed tokens (the metric eval/moe/<layer>/expert_<e>_share)."""
     E = counts.shape[1] - 1
     show_dropped = counts[:, E].sum() > 0
     columns = E + 1 if show_dropped else E
     shares = 100 * counts[:, :columns] / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * columns), 3.8))
+    overall = routed_shares(counts)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.0 + 0.9 * columns), 4.4))
     x = np.arange(columns)
     width = 0.8 / 3
     for m, name in enumerate(MODALITIES):
         ax.bar(x + (m - 1) * width, shares[m], width, label=name, color=MODALITY_COLOURS[m])
-    ax.set_xticks(x, [f"e{e}" for e in range(E)] + (["dropped"] if show_dropped else []))
+    ax.set_xticks(x, [f"e{e}\n{100 * overall[e]:.1f}% of all" for e in range(E)]
+                  + (["dropped"] if show_dropped else []))
     for e, label in enumerate(ax.get_xticklabels()[:E]):
         label.set_color(colours[e] / 255)  # the tint of the sample pictures
         label.set_fontweight("bold")
     ax.set_ylabel("% of the modality's tokens")
-    ax.set_title(f"{layer}: tokens per expert by modality ({num_samples} samples)", fontsize=10)
+    ax.set_title(f"{layer}: tokens per expert by modality ({num_samples} {split} samples)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.text(0.5, 0.01, textwrap.fill(CAPTION.format(layer=layer), 95), ha="center", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -252,69 +264,81 @@ class ExpertPictures:
     pictures: list[Path]
     chart: Path
     summary: Path
-    counts: np.ndarray        # (3, E + 1) tokens per modality and expert; last column dropped
-    routes: torch.Tensor      # (n, 3, T)
+    counts: np.ndarray        # (3, E + 1) tokens per modality and expert over all routed samples; last: dropped
+    routes: torch.Tensor      # (n, 3, T) of the pictured samples
+    shares: list[float]       # per expert, share of all routed tokens (eval/moe/<layer>/expert_<e>_share)
+    layer: str
 
 
-def take_samples(shards, split: str, n: int, img_size) -> dict[str, torch.Tensor]:
-    """The first n valid samples of a split, read with the evaluation loader (no workers)."""
-    from mfrnet_ds.stream.pipeline import eval_loader
+def route_split(model, shards, split: str, img_size, moe, *, limit: int, batch_size: int = 32):
+    """(pids, camids, (N, 3, T) routes) of the first `limit` samples of a split, routed in evaluation mode."""
+    meta = read_split(shards, split, img_size, stop=limit, batch_size=batch_size)
+    device = next(model.parameters()).device
+    routes = [route_tokens(model, meta["images"][i:i + batch_size].to(device),
+                           meta["camids"][i:i + batch_size].to(device), moe)
+              for i in range(0, len(meta["pids"]), batch_size)]
+    return meta["pids"], meta["camids"], torch.cat(routes)
 
-    if n < 1:
-        raise ValueError(f"n={n}: expected >= 1")
-    keep: dict[str, list[torch.Tensor]] = {"images": [], "pids": [], "camids": []}
-    got = 0
-    for batch in eval_loader(shards, split, batch_size=n, img_size=img_size, num_workers=0):
-        valid = batch["valid"]
-        for key in keep:
-            keep[key].append(batch[key][valid])
-        got += int(valid.sum())
-        if got >= n:
-            break
-    if got == 0:
-        raise ValueError(f"{shards}: split {split!r} has no readable sample")
-    return {key: torch.cat(parts)[:n] for key, parts in keep.items()}
+
+def routed_shares(counts: np.ndarray) -> list[float]:
+    """Per expert, its share of all routed (not dropped) tokens of the three modalities: the quantity the
+    trainer logs as moe/<layer>/expert_<e>_share, here in evaluation mode."""
+    routed = counts[:, :-1].sum(axis=0)
+    return (routed / max(1, int(routed.sum()))).tolist()
+
+
+CAPTION = ("Routing in evaluation mode, as at test time: each token's top-1 expert without the router's training "
+           "noise; the training metric moe/{layer}/expert_<e>_share, measured with that noise, can differ.")
 
 
 def expert_pictures(model, shards, out, *, n: int = 8, split: str = "query", layer: str | None = None,
-                    img_size=None, scale: int | None = None, progress: bool = True) -> ExpertPictures:
-    """Route n samples of `split` through `model` (eval mode) and write the pictures, chart and counts."""
+                    img_size=None, scale: int | None = None, progress: bool = True,
+                    share_samples: int = 256) -> ExpertPictures:
+    """Route up to `share_samples` samples of `split` through `model` in evaluation mode: their token counts
+    make the chart, expert_shares.json and `shares` (the metric eval/moe/<layer>/expert_<e>_share); n of
+    them, spread over identities and cameras, get a picture each."""
     out = Path(out)
     moe = frm_layer(model, layer)
     grid = token_grid(model)
-    samples = take_samples(shards, split, n, img_size or tuple(model.cfg.img_size))
-    device = next(model.parameters()).device
+    img_size = img_size or tuple(model.cfg.img_size)
     was_training = model.training
     model.eval()
     try:
-        routes = route_tokens(model, samples["images"].to(device), samples["camids"].to(device), moe)
+        pids, cams, all_routes = route_split(model, shards, split, img_size, moe, limit=max(n, share_samples))
     finally:
         model.train(was_training)
-    if routes.shape[2] != grid.tokens:
-        raise RuntimeError(f"{moe.name}: {routes.shape[2]} tokens per image, expected {grid.tokens} "
+    if all_routes.shape[2] != grid.tokens:
+        raise RuntimeError(f"{moe.name}: {all_routes.shape[2]} tokens per image, expected {grid.tokens} "
                            f"({grid.prefix} prefix + {grid.grid[0]}x{grid.grid[1]} patches)")
+    picked = spread_samples(pids.tolist(), cams.tolist(), n)
+    images = read_split(shards, split, img_size, stop=picked[-1] + 1, keep_images=set(picked))["images"]
+    routes = all_routes[picked]
     colours = expert_colours(moe.num_experts)
-    pixels = denormalise(samples["images"])                          # (n, 3, H, W, 3)
+    pixels = denormalise(images)                                     # (n, 3, H, W, 3)
     out.mkdir(parents=True, exist_ok=True)
     pictures, described = [], []
-    for k in tqdm(range(len(routes)), desc="expert pictures", unit="sample", disable=not progress, file=sys.stderr):
-        pid, cam = int(samples["pids"][k]), int(samples["camids"][k])
-        header = f"{moe.name}  pid {pid}  cam {cam}  ({split} sample {k})"
+    for k, position in enumerate(tqdm(picked, desc="expert pictures", unit="sample", disable=not progress,
+                                      file=sys.stderr)):
+        pid, cam = int(pids[position]), int(cams[position])
+        header = f"{moe.name}  pid {pid}  cam {cam}  ({split} sample {position}; evaluation-mode routing)"
         picture, _ = render_sample(pixels[k], routes[k].numpy(), grid, colours, header, scale)
         path = out / f"experts_{k:02d}_pid{pid:04d}_cam{cam}.png"
         picture.save(path)
         pictures.append(path)
-        described.append({"file": path.name, "pid": pid, "camid": cam})
-    counts = token_counts(routes, moe.num_experts)
-    chart = plot_shares(counts, out / "expert_shares.png", moe.name, colours, len(routes))
+        described.append({"file": path.name, "pid": pid, "camid": cam, "position": position})
+    counts = token_counts(all_routes, moe.num_experts)
+    shares = routed_shares(counts)
+    chart = plot_shares(counts, out / "expert_shares.png", moe.name, colours, len(all_routes), split)
     summary = out / "expert_shares.json"
     summary.write_text(json.dumps({
         "layer": moe.name, "split": split, "num_experts": moe.num_experts, "tokens_per_image": grid.tokens,
+        "num_samples": len(all_routes), "routing": "evaluation mode (top-1, no router noise)",
+        "caption": CAPTION.format(layer=moe.name), "shares": shares,
         "colours": ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in colours], "samples": described,
         "tokens": {m: {**{str(e): int(counts[i, e]) for e in range(moe.num_experts)},
                        "dropped": int(counts[i, -1])} for i, m in enumerate(MODALITIES)},
     }, indent=2))
-    return ExpertPictures(pictures, chart, summary, counts, routes)
+    return ExpertPictures(pictures, chart, summary, counts, routes, shares, moe.name)
 
 
 def load_model(checkpoint):

@@ -112,6 +112,7 @@ def test_run_reads_back_from_another_process(store):
     out, uri, runs = store
     script = f"""
 import json, mlflow
+import mfrnet_ds.tracking  # the store's artifact locations (mlflow-artifacts:/) resolve beside it
 mlflow.set_tracking_uri({uri!r})
 client = mlflow.MlflowClient()
 df = mlflow.search_runs(experiment_names=[{EXPERIMENT!r}])
@@ -121,8 +122,8 @@ for _, row in df.iterrows():
     result[row["tags.mlflow.runName"]] = {{
         "status": row["status"],
         "params": {{c[7:]: row[c] for c in df.columns if c.startswith("params.") and isinstance(row[c], str)}},
-        "loss": [(m.step, m.value) for m in client.get_metric_history(rid, "loss")],
-        "mAP": [(m.step, m.value) for m in client.get_metric_history(rid, "mAP")],
+        "loss": [(m.step, m.value) for m in client.get_metric_history(rid, "train/loss")],
+        "mAP": [(m.step, m.value) for m in client.get_metric_history(rid, "eval/mAP")],
         "metric_keys": sorted(client.get_run(rid).data.metrics),
         "artifacts": sorted(a.path for a in client.list_artifacts(rid))
                      + sorted(a.path for a in client.list_artifacts(rid, "final")),
@@ -140,8 +141,8 @@ print(json.dumps(result))
     assert run["params"]["num_params"] == "6000"
     assert len(run["params"]["note"]) == MAX_PARAM_VAL_LENGTH
     assert run["loss"] == [[s, m["loss"]] for s, m in logged.items()]
-    assert run["mAP"] == [[s, m["mAP"]] for s, m in logged.items() if "mAP" in m]
-    assert "expert_load/frm.11/5" in run["metric_keys"]
+    assert run["mAP"] == [[s, pytest.approx(m["mAP"] / 100)] for s, m in logged.items() if "mAP" in m]  # fraction
+    assert "moe/frm.11/expert_5_share" in run["metric_keys"] and "train/samples_per_s" in run["metric_keys"]
     assert any(k.startswith("system/cpu") for k in run["metric_keys"])  # MLflow's system metrics
     assert not any(k.startswith("system/") for k in result["frm8"]["metric_keys"])  # turned off there
     assert run["artifacts"] == ["config.json", "final", "final/metrics.json"]
@@ -169,14 +170,16 @@ def test_compare_cli_prints_both_runs_and_writes_pngs(store, tmp_path):
     image = plt_imread(plots / f"expert_load_frm8-{runs['frm8'][0][:6]}.png")
     assert image.shape[0] > 200 and image.shape[1] > 300
 
-    # The comparison was logged as its own run and is left out of the next comparison.
+    # The comparison was logged as a run of its own experiment, never among the training runs.
     mlflow.set_tracking_uri(uri)
-    logged = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string="tags.`mfrnet.kind` = 'comparison'")
-    assert len(logged) == 1
+    assert len(mlflow.search_runs(experiment_names=[EXPERIMENT])) == 2
+    logged = mlflow.search_runs(experiment_names=[f"{EXPERIMENT}-comparisons"],
+                                filter_string="tags.`mfrnet.kind` = 'comparison'")
+    assert len(logged) == 1 and "frm6" in logged["tags.mlflow.note.content"][0]
     client = MlflowClient(uri)
     names = {a.path for a in client.list_artifacts(logged["run_id"][0], "comparison")}
     assert "comparison/curve_mAP.png" in names and "comparison/compare.csv" in names
-    assert compare_main(["--experiment", EXPERIMENT, "--uri", uri, "--out", str(tmp_path / "again")]) == 0
+    assert compare_main(["--uri", uri, "--out", str(tmp_path / "again")]) == 0   # the comparisons are not a choice
     assert (tmp_path / "again" / "compare.csv").read_text().count("\n") == 3  # header + the two runs
 
 
@@ -229,11 +232,11 @@ def test_unreachable_store_warns_once_writes_jsonl_and_replays(tmp_path):
     assert len(runs) == 1 and runs["status"][0] == "FINISHED" and runs["params.model.frm.num_experts"][0] == "6"
     assert runs["tags.k"][0] == "v" and runs["tags.mlflow.runName"][0] == "offline-run"
     run_id = runs["run_id"][0]
-    expected = [(r["step"], r["metrics"]["loss"], r["timestamp"]) for r in records if r["type"] == "metrics"]
-    assert [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, "loss")] == expected
+    expected = [(r["step"], r["metrics"]["train/loss"], r["timestamp"]) for r in records if r["type"] == "metrics"]
+    assert [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, "train/loss")] == expected
     assert {a.path for a in client.list_artifacts(run_id)} == {"cfg.json", "final"}
     assert replay_main([str(log), "--uri", target]) == 0  # nothing new: no duplicate points
-    assert len(client.get_metric_history(run_id, "loss")) == 4
+    assert len(client.get_metric_history(run_id, "train/loss")) == 4
     assert replay_main([str(log), "--uri", f"sqlite:///{tmp_path / 'other.db'}"]) == 2  # partly imported elsewhere
 
     # The store is back: the training resumes the same run (a changed param is kept, with a warning).
@@ -245,7 +248,7 @@ def test_unreachable_store_warns_once_writes_jsonl_and_replays(tmp_path):
     resumed.close()
     run = client.get_run(run_id)
     assert run.data.params["model.frm.num_experts"] == "6" and run.data.params["new"] == "1"
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 1, 2, 3, 4]
 
     # The store goes away again: the same log grows, and the next import takes only the new lines.
     again, ours = offline_run(tmp_path / "out", uri, "offline-again", range(2))
@@ -254,8 +257,8 @@ def test_unreachable_store_warns_once_writes_jsonl_and_replays(tmp_path):
     assert replay_main([str(log), "--uri", target]) == 0
     runs = mlflow.search_runs(experiment_names=[EXPERIMENT], order_by=["attributes.start_time ASC"])
     assert list(runs["tags.mlflow.runName"]) == ["offline-run", "offline-again"]
-    assert len(client.get_metric_history(run_id, "loss")) == 5
-    assert len(client.get_metric_history(runs["run_id"][1], "loss")) == 2
+    assert len(client.get_metric_history(run_id, "train/loss")) == 5
+    assert len(client.get_metric_history(runs["run_id"][1], "train/loss")) == 2
 
 
 def test_offline_log_survives_a_writer_killed_mid_line(tmp_path):
@@ -325,7 +328,7 @@ def test_mlflow_server_serves_the_runs_and_tracker_survives_losing_it(store, tmp
     assert len([w for w in caught if issubclass(w.category, TrackingWarning)]) == 1
     # The offline part goes into the very same run once the store is back (here: its sqlite file).
     assert replay_main([str(tmp_path / "client" / "mlflow_offline.jsonl"), "--uri", uri]) == 0
-    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(s, 1.0 / (s + 1)) for s in range(6)]
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
 
@@ -356,3 +359,96 @@ def test_expert_load_matrix_is_steps_by_experts():
     steps, names, matrix = layers["frm.11"]
     assert steps.tolist() == [0, 5] and names == ["0", "2", "10"]
     np.testing.assert_array_equal(matrix, [[0.2, np.nan, 0.5], [0.4, 0.5, 0.1]])
+
+
+def test_metric_names_sort_into_namespaces_and_map_back():
+    from mfrnet_ds.tracking.names import flat_key, from_mlflow, mlflow_metrics
+
+    trainer = {"loss": 1.5, "lr": 1e-4, "mAP": 42.0, "R1": 50.0, "best_mAP": 42.0, "best_epoch": 3,
+               "mAP_missing_nt": 12.0, "pixel_R5": 9.0, "damaged_query": 2, "effective_rank": 7.5,
+               "expert_load/frm.3/1": 0.25, "dropped/frm.3": 0.0, "balance/frm.3": 1.1,
+               "eval_expert_load/frm.3/0": 0.5}
+    logged = mlflow_metrics(trainer)
+    assert logged == {"train/loss": 1.5, "train/lr": 1e-4, "eval/mAP": 0.42, "eval/R1": 0.5, "eval/best_mAP": 0.42,
+                      "eval/best_epoch": 3.0, "eval/missing_nt/mAP": 0.12, "eval/pixel_baseline/R5": 0.09,
+                      "eval/damaged_query": 2.0, "eval/health/effective_rank": 7.5,
+                      "moe/frm.3/expert_1_share": 0.25, "moe/frm.3/dropped_share": 0.0,
+                      "moe/frm.3/balance_loss": 1.1, "eval/moe/frm.3/expert_0_share": 0.5}
+    for key, value in trainer.items():
+        name = next(n for n in logged if flat_key(n) == key)
+        assert from_mlflow(name, logged[name]) == (key, pytest.approx(value))
+    assert from_mlflow("mAP", 42.0) == ("mAP", 42.0)   # a run logged before the namespaces: already percent
+
+
+def test_compare_reads_runs_logged_before_the_namespaces(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'old.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("old")
+    run_id = client.create_run(experiment_id, run_name="old-run").info.run_id
+    for step, (mAP, share) in enumerate([(10.0, 0.2), (25.0, 0.4)]):
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric("mAP", mAP, 0, step),
+                                          mlflow.entities.Metric("R1", mAP + 5, 0, step),
+                                          mlflow.entities.Metric("samples_per_s", 99.0, 0, step),
+                                          mlflow.entities.Metric("expert_load/frm.3/0", share, 0, step)])
+    client.set_terminated(run_id)
+    assert compare_main(["--uri", uri, "--metric", "eval/mAP", "--out", str(tmp_path / "cmp")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("old-run"))
+    assert "25.00" in row and "30.00" in row and "99.00" in row   # best mAP, best R1 (percent), samples/s
+    assert (tmp_path / "cmp" / "curve_mAP.png").is_file()
+    assert (tmp_path / "cmp" / f"expert_load_old-run-{run_id[:6]}.png").is_file()
+
+
+def test_sqlite_store_records_artifacts_relative_to_it(tmp_path):
+    import shutil
+
+    tracker = MlflowTracker(tmp_path / "a", system_metrics=False)
+    with tracker:
+        tracker.start("portable", "r", {})
+        tracker.log_dict({"x": 1}, "d/x.json")
+    run = MlflowClient(tracker.tracking_uri).get_run(tracker.run_id)
+    assert run.info.artifact_uri == f"mlflow-artifacts:/portable/{tracker.run_id}/artifacts"
+    assert (tmp_path / "a/mlartifacts/portable" / tracker.run_id / "artifacts/d/x.json").is_file()
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    got = MlflowClient(f"sqlite:///{tmp_path / 'b/mlflow.db'}").download_artifacts(tracker.run_id, "d/x.json",
+                                                                                 str(tmp_path))
+    assert json.loads(open(got).read()) == {"x": 1}
+
+
+def test_logged_model_registers_by_name_and_embeds_like_the_model(person_shards, tmp_path):
+    import torch
+
+    from mfrnet_ds.config import load_config
+    from mfrnet_ds.model import build_model
+    from mfrnet_ds.tracking.model import log_pytorch_model
+    from mfrnet_ds.viz import take_samples
+
+    config = load_config(None, ["model.preset=tiny", "model.img_size=[64,32]", "model.num_classes=8"])
+    model = build_model(config).eval()
+    tracker = MlflowTracker(tmp_path / "out", system_metrics=False)
+    with tracker:
+        tracker.start("models", "r", {})
+        info = tracker.online("log_model", lambda client, run_id: log_pytorch_model(
+            tracker.tracking_uri, run_id, (config, model), str(person_shards), "mfrnet-tiny"))
+    assert info is not None and info.signature is not None and info.saved_input_example_info is not None
+    assert info.signature.inputs.input_names() == ["images", "camids"]
+    assert MlflowClient(tracker.tracking_uri).get_latest_versions("mfrnet-tiny")[0].version in (1, "1")
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    loaded = mlflow.pytorch.load_model("models:/mfrnet-tiny/1")
+    batch = take_samples(person_shards, "query", 3, (64, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch["images"], batch["camids"]),
+                                   model(batch["images"], batch["camids"]).embedding, atol=1e-6, rtol=0)
+
+
+def test_ui_links_land_on_the_runs_table_and_compare_page(tmp_path, capsys):
+    from mfrnet_ds.tracking.ui import compare_url, main as ui_main, runs_url, server_command
+
+    assert runs_url("http://h:5000/", "3") == "http://h:5000/#/experiments/3/runs?workflowType=machine_learning"
+    assert compare_url("http://h:5000", "3", ["a", "b"]) == \
+        "http://h:5000/#/compare-runs?runs=%5B%22a%22%2C%22b%22%5D&experiments=%5B%223%22%5D"
+    command = server_command(tmp_path / "run", port=5001)
+    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'run/mlflow.db'}"
+    assert command[command.index("--artifacts-destination") + 1] == str(tmp_path / "run/mlartifacts")
+    assert ui_main([str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "mlflow.db does not exist" in err and len(err.splitlines()) == 1

@@ -113,7 +113,10 @@ def test_expert_pictures_tint_real_routes_and_write_the_chart(samples, person_sh
     with Image.open(result.chart) as chart:
         assert chart.format == "PNG" and chart.size[0] > 300
     colours = expert_colours(4)
-    originals = denormalise(samples["images"]).astype(np.float32)  # the same first N query samples
+    summary = json.loads(result.summary.read_text())
+    positions = [s["position"] for s in summary["samples"]]        # the pictured samples' places in the split
+    everything = take_samples(person_shards, "query", 10_000, IMG)
+    originals = denormalise(everything["images"][positions]).astype(np.float32)
     scale = 4                                                       # default: panels >= 256 px tall
     layout = picture_layout(IMG, scale, 4)
     for k, path in enumerate(result.pictures):
@@ -130,13 +133,21 @@ def test_expert_pictures_tint_real_routes_and_write_the_chart(samples, person_sh
                 else:  # the colour blended in is exactly that expert's, up to rounding
                     colour = (got - (1 - TINT_ALPHA) * orig) / TINT_ALPHA
                     assert np.abs(colour - colours[expert]).max() <= 1.01 / TINT_ALPHA, (k, m, i, j, expert)
-    summary = json.loads(result.summary.read_text())
     assert summary["layer"] == "frm.3" and len(summary["samples"]) == N
+    # spread over identities and cameras: as many distinct ids (and cameras) as the split offers, up to N
+    pids, cams = everything["pids"].tolist(), everything["camids"].tolist()
+    assert len({s["pid"] for s in summary["samples"]}) == min(N, len(set(pids)))
+    assert len({s["camid"] for s in summary["samples"]}) == min(N, len(set(cams)))
+    assert [(s["pid"], s["camid"]) for s in summary["samples"]] == [(pids[p], cams[p]) for p in positions]
+    # the chart, the JSON and the shares (the logged metric) count every routed sample of the split, once
+    assert summary["num_samples"] == len(pids) and "evaluation mode" in summary["caption"]
     for m, name in enumerate(("rgb", "nir", "tir")):
-        want = token_counts(routes, 4)[m]
+        want = result.counts[m]
         assert [summary["tokens"][name][str(e)] for e in range(4)] + [summary["tokens"][name]["dropped"]] == \
             want.tolist()
-        assert want.sum() == N * 9
+        assert want.sum() == len(pids) * 9
+    routed = result.counts[:, :4].sum(axis=0)
+    assert summary["shares"] == pytest.approx((routed / routed.sum()).tolist()) == result.shares
 
 
 def test_cli_from_an_exported_file(person_shards, tmp_path, capsys):

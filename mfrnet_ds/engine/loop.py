@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -28,7 +27,7 @@ from mfrnet_ds.eval.health import collapse_warning
 from mfrnet_ds.eval.pixel import pixel_baseline
 from mfrnet_ds.model import MISSING_SETTINGS, build_model
 from mfrnet_ds.stream.pipeline import read_manifest, train_loader
-from mfrnet_ds.tracking import NullTracker, tracker_for_rank
+from mfrnet_ds.tracking.start import start_tracking
 from mfrnet_ds.tracking.finish import finalize_run
 
 log = logging.getLogger("mfrnet_ds.train")
@@ -442,30 +441,7 @@ def _save(engine, ckpt_dir, state, info) -> str:
 
 def _start_tracking(config, info, manifest, ds_config, run_id):
     """Rank 0 opens (or, on resume, reopens) the MLflow run; other ranks get a tracker that does nothing."""
-    if not config.tracking.enabled:
-        return NullTracker()
-    tracker = tracker_for_rank(info.rank, config.train.out_dir, tracking_uri=config.tracking.uri or None,
-                               reconnect_s=config.tracking.reconnect_s)
-    m = config.model
-    params = {"config": config.to_dict(), "deepspeed": ds_config, "world_size": info.world_size,
-              "git_commit": _git_commit(),
-              "data": {"dataset": manifest["dataset"], "num_classes": manifest["num_classes"],
-                       "num_cameras": manifest["num_cameras"],
-                       **{f"{k}_samples": v["num_samples"] for k, v in manifest["splits"].items()}}}
-    name = config.tracking.run_name or (f"{config.name}-{m.preset}-frm{m.frm.num_experts}x{m.frm.router}"
-                                        f"-top{m.frm.top_k}-ep{m.frm.ep_size}-w{info.world_size}-"
-                                        f"{time.strftime('%m%d-%H%M%S')}")
-    tracker.start(config.tracking.experiment or manifest["dataset"], name, params,
-                  tags={"preset": m.preset, "dataset": manifest["dataset"]}, resume_run_id=run_id)
-    return tracker
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return start_tracking(config, info, manifest, ds_config, run_id)
 
 
 def _log_start(config, info, plan, manifest, model):

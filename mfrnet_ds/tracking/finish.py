@@ -1,10 +1,13 @@
 """End of a training run on rank 0: the files a person looks at, written to OUT_DIR and logged as artifacts.
 
-    OUT_DIR/config.json, deepspeed.json, metrics.json, metrics_untrained.json, train_log.jsonl  (trainer)
+    OUT_DIR/config.json, deepspeed.json, metrics.json, metrics_untrained.json, train_log.jsonl,
+            eval_log.jsonl         (trainer)
     OUT_DIR/manifest.json          copy of the shard manifest the run trained on
     OUT_DIR/plots/                 learning_curves.png, expert_load_<name>.png
     OUT_DIR/model.pt               fp32 export of the latest checkpoint (mfrnet_ds.export)
-    OUT_DIR/experts/               the expert picture (mfrnet_ds.viz) on a few query samples
+    model (logged model)           the same weights as an `mlflow.pytorch` model with signature and input
+                                   example (tracking/model.py); param `num_params`
+    OUT_DIR/experts/               the expert picture (mfrnet_ds.viz) on query samples
 
 Artifacts keep these names (plots/ and experts/ as folders). Every step is on its own: a failure warns
 (FinalizeWarning) and the next step runs, so a broken plot never costs the run its model or metrics.
@@ -21,8 +24,9 @@ from pathlib import Path
 
 log = logging.getLogger("mfrnet_ds.tracking")
 
-RUN_FILES = ("config.json", "deepspeed.json", "metrics.json", "metrics_untrained.json", "train_log.jsonl")
-EXPERT_SAMPLES = 4
+RUN_FILES = ("config.json", "deepspeed.json", "metrics.json", "metrics_untrained.json", "train_log.jsonl",
+             "eval_log.jsonl")
+EXPERT_SAMPLES = 8
 
 
 class FinalizeWarning(UserWarning):
@@ -62,10 +66,17 @@ def finalize_run(tracker, *, out_dir: Path, ckpt_dir: Path, shards: str, manifes
         _step("log plots", lambda: tracker.log_artifact(out_dir / "plots", "plots"))
 
     model_file = _step("export model.pt", lambda: _export(ckpt_dir, out_dir / "model.pt"))
-    if model_file:
+    loaded = model_file and _step("load model.pt", lambda: _load(model_file))
+    if loaded:
         written["model"] = model_file
         _step("log model.pt", lambda: tracker.log_artifact(model_file))
-        experts = _step("expert picture", lambda: _experts(model_file, shards, out_dir / "experts", expert_samples))
+        num_params = sum(p.numel() for p in loaded[1].parameters())
+        _step("log num_params", lambda: tracker.log_params({"num_params": num_params}))
+        register = getattr(getattr(config, "tracking", None), "register_model", "")
+        _step("log the mlflow.pytorch model", lambda: tracker.online("log_model", lambda client, run_id: _log_model(
+            tracker.tracking_uri, run_id, loaded, shards, register)))
+        experts = _step("expert picture", lambda: _experts(tracker, loaded[1], shards, out_dir / "experts",
+                                                           expert_samples, _last_step(out_dir)))
         if experts:
             written["experts"] = out_dir / "experts"
             _step("log the expert picture", lambda: tracker.log_artifact(out_dir / "experts", "experts"))
@@ -116,9 +127,10 @@ def eval_history(tracker, out_dir: Path, last_step: int) -> dict:
             from mlflow.tracking import MlflowClient
 
             from mfrnet_ds.compare import fetch_histories
+            from mfrnet_ds.tracking.names import flat_key
 
             client = MlflowClient(uri)
-            keys = [k for k in EVAL_KEYS if k in client.get_run(run_id).data.metrics]
+            keys = [k for k in client.get_run(run_id).data.metrics if flat_key(k) in EVAL_KEYS]
             return dict(fetch_histories(client, None, {run_id: keys}).get(run_id, {}))
         except Exception as exc:  # noqa: BLE001 - fall back to the files
             warnings.warn(f"finalize_run: evaluation history not readable from {uri} ({type(exc).__name__}); "
@@ -139,12 +151,32 @@ def _export(ckpt_dir: Path, target: Path) -> Path:
     return export(ckpt_dir, target)
 
 
-def _experts(model_file: Path, shards, out: Path, n: int) -> Path:
+def _load(model_file: Path):
     from mfrnet_ds.export import load_exported
+
+    return load_exported(model_file)
+
+
+def _log_model(uri: str, run_id: str, loaded, shards, register: str):
+    from mfrnet_ds.tracking.model import log_pytorch_model
+
+    return log_pytorch_model(uri, run_id, loaded, shards, register)
+
+
+def _last_step(out_dir: Path) -> int:
+    from mfrnet_ds.tracking.plots import read_train_log
+
+    path = out_dir / "train_log.jsonl"
+    return max((int(r.get("step", 0)) for r in read_train_log(path)), default=0) if path.is_file() else 0
+
+
+def _experts(tracker, model, shards, out: Path, n: int, step: int) -> Path:
+    """The expert picture, and its shares as metrics: the chart and eval/moe/<layer>/expert_<e>_share come
+    from one evaluation-mode pass over the query split."""
     from mfrnet_ds.viz import expert_pictures
 
-    _, model = load_exported(model_file)
     if out.exists():
         shutil.rmtree(out)  # this folder is ours: a resumed run must not keep the earlier pictures
-    expert_pictures(model, shards, out, n=n, split="query", progress=False)
+    result = expert_pictures(model, shards, out, n=n, split="query", progress=False)
+    tracker.log_metrics({f"eval_expert_load/{result.layer}/{e}": v for e, v in enumerate(result.shares)}, step)
     return out

@@ -7,7 +7,9 @@
     tracker.close()
 
 Store: `MLFLOW_TRACKING_URI` when set, else an embedded sqlite file `<out_dir>/mlflow.db` with
-artifacts in `<out_dir>/mlartifacts` (no server). Tracking never stops training: when the store
+artifacts in `<out_dir>/mlartifacts` (no server), recorded relative to that folder so the run folder can
+move (tracking/store.py). Metric names go through tracking/names.py (`loss` -> `train/loss`, `mAP` ->
+`eval/mAP` as a fraction, ...). Tracking never stops training: when the store
 cannot be reached (at start or later) the tracker warns once and appends everything from then on to
 `<out_dir>/mlflow_offline.jsonl`. While offline it asks the store again every `reconnect_s` seconds
 (tracking.reconnect_s; a tracking server's /health answers without retries) and at close; once the
@@ -26,7 +28,6 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -37,10 +38,12 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from mfrnet_ds.tracking import store
+from mfrnet_ds.tracking.names import mlflow_metrics
 from mfrnet_ds.tracking.offline import OfflineLog
 
 DB_NAME = "mlflow.db"
-ARTIFACT_DIR = "mlartifacts"
+ARTIFACT_DIR = store.ARTIFACT_DIR
 OFFLINE_NAME = "mlflow_offline.jsonl"
 log = logging.getLogger("mfrnet_ds.tracking")
 
@@ -59,22 +62,25 @@ def resolve_tracking_uri(uri: str | None, out_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / DB_NAME}"
 
 
-def default_artifact_location(uri: str) -> str | None:
-    """Artifacts of a sqlite store live next to the database file; other stores decide themselves."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db_path = Path(urlparse(uri).path if uri.startswith("sqlite:////") else uri[len("sqlite:///"):])
-    return (db_path.resolve().parent / ARTIFACT_DIR).as_uri()
+def default_artifact_location(uri: str, experiment: str = "experiment") -> str | None:
+    """Artifacts of a sqlite store live next to the database file, recorded relative to it (see
+    tracking/store.py); other stores decide themselves."""
+    return store.portable_location(uri, experiment)
 
 
-def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    """Id of the experiment `name`, created (or restored from deleted) when needed."""
+def ensure_experiment(client: MlflowClient, name: str, uri: str, description: str = "") -> str:
+    """Id of the experiment `name`, created (or restored from deleted) when needed; a description is
+    set when the experiment has none (the UI shows `mlflow.note.content` above the runs)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=default_artifact_location(uri))
-    if experiment.lifecycle_stage == "deleted":
-        client.restore_experiment(experiment.experiment_id)
-    return experiment.experiment_id
+        experiment_id = client.create_experiment(name, artifact_location=default_artifact_location(uri, name))
+    else:
+        experiment_id = experiment.experiment_id
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment_id)
+    if description and "mlflow.note.content" not in (getattr(experiment, "tags", None) or {}):
+        client.set_experiment_tag(experiment_id, "mlflow.note.content", description)
+    return experiment_id
 
 
 def _truncate(value: str, limit: int) -> str:
@@ -184,7 +190,7 @@ class MlflowTracker:
     # -- lifecycle
 
     def start(self, experiment: str, run_name: str, params, tags: Mapping[str, str] | None = None,
-              resume_run_id: str | None = None) -> str | None:
+              resume_run_id: str | None = None, experiment_description: str = "") -> str | None:
         """Create (or resume) the run; returns its id, or None if the store was unreachable."""
         if self._start_record is not None:
             raise RuntimeError("MlflowTracker.start() called twice; use one tracker per run")
@@ -196,7 +202,7 @@ class MlflowTracker:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             client = MlflowClient(self.tracking_uri)
-            experiment_id = ensure_experiment(client, experiment, self.tracking_uri)
+            experiment_id = ensure_experiment(client, experiment, self.tracking_uri, experiment_description)
             if resume_run_id:
                 existing = client.get_run(resume_run_id).data.params
                 client.update_run(resume_run_id, status="RUNNING")
@@ -236,9 +242,10 @@ class MlflowTracker:
     # -- logging
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """All metrics of one step in one request (MLflow's log_batch)."""
+        """All metrics of one step in one request (MLflow's log_batch), under their MLflow names
+        (tracking/names.py: the trainer's flat keys -> eval/, train/, moe/ namespaces)."""
         timestamp = _now_ms()
-        values = {str(k): float(v) for k, v in metrics.items()}
+        values = mlflow_metrics({str(k): v for k, v in metrics.items()})
         self._write(lambda: log_metrics_batched(self._client, self.run_id, values, int(step), timestamp),
                     {"type": "metrics", "step": int(step), "timestamp": timestamp, "metrics": values},
                     "log_metrics")
@@ -270,6 +277,20 @@ class MlflowTracker:
 
     def log_dict(self, dictionary: Mapping, artifact_file: str) -> None:
         self.log_text(json.dumps(dictionary, indent=2, sort_keys=True, default=str), artifact_file)
+
+    def online(self, where: str, fn) -> object:
+        """`fn(client, run_id)` against the store, for what the offline log cannot replay (a logged model,
+        dataset inputs); skipped with a warning when the run is offline. Returns fn's result or None."""
+        self._require_started()
+        if self.is_offline:
+            warnings.warn(f"MLflow run offline: {where} skipped", TrackingWarning, stacklevel=2)
+            return None
+        try:
+            return fn(self._client, self.run_id)
+        except Exception as exc:  # noqa: BLE001 - training must survive a store failure
+            warnings.warn(f"MLflow {where} failed: {type(exc).__name__}: {str(exc)[:300]}", TrackingWarning,
+                          stacklevel=2)
+            return None
 
     # -- internals
 
@@ -380,6 +401,9 @@ class NullTracker:
 
     def log_dict(self, dictionary, artifact_file):
         pass
+
+    def online(self, where, fn):
+        return None
 
     def close(self, status="FINISHED"):
         pass

@@ -6,12 +6,15 @@
     python bench/moe.py --profile               # also: where the MoE's time goes (torch.profiler)
     python bench/moe.py --threads 1 --clock cpu # on a busy shared CPU: CPU time of one thread
 
-For each expert count (default 6, 8 and 32) four layers run on the same tokens (3B, T, D) in training
+For each expert count (default 6, 8 and 32) five layers run on the same tokens (3B, T, D) in training
 mode (dropout on, gate noise on, as the FRM trains):
     dense MLP    one expert's size (D -> H -> D, own residual) applied to every token: the same active
                  parameters per token as a top-1 MoE; the peer every ratio is taken against
-    MoE linear   mfrnet_ds SparseMoE (DeepSpeed's MoE layer, ep_size 1) with the linear top-1 gate
+    MoE linear   mfrnet_ds SparseMoE (DeepSpeed's MoE layer with our forward, GroupedMOELayer: one copy each
+                 way for dispatch/combine, the local experts as batched matmuls; ep_size 1), linear top-1 gate
     MoE cosine   the same with the cosine router
+    DS linear    MoE linear run through DeepSpeed's own MOELayer.forward (its padded gather copies, the
+                 Python loop over experts and cat, the fp32 combine): what GroupedMOELayer replaces
     masked loop  the plain way: the linear gate's top-1, then out[mask_e] = gate * expert_e(x[mask_e])
                  for each expert e (no capacity limit, so no token is dropped). It routes with the linear
                  gate, so against the cosine MoE it also saves the cosine router's cost
@@ -26,7 +29,9 @@ input and the fixed upstream gradient excluded):
     cuda: torch.cuda.max_memory_allocated() - memory_allocated() at the start, after a peak reset;
     cpu:  from torch.profiler's memory events (profile_memory=True): the running sum of every
           allocation and free made by torch's CPU allocator in time order, its maximum.
-Targets: each MoE <= 1.3x the dense MLP's time on CPU, <= 1.2x on GPU, and faster than the loop.
+Targets (issue 13): on CPU the cosine MoE <= 1.3x the dense MLP in fp32 and <= 1.6x in bf16, the linear MoE
+<= 1.2x in fp32 (bf16: no stated target, held to the cosine's 1.6x) and faster than the masked loop (which
+routes with the same linear gate); on GPU both <= 1.2x.
 """
 from __future__ import annotations
 
@@ -40,14 +45,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from deepspeed.moe.sharded_moe import MOELayer
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from mfrnet_ds.config import MoEConfig
 from mfrnet_ds.model.moe import Expert, SparseMoE
 
-VARIANTS = ("dense MLP", "MoE linear", "MoE cosine", "masked loop")
-TARGET = {"cpu": 1.3, "cuda": 1.2}
+VARIANTS = ("dense MLP", "MoE linear", "MoE cosine", "DS linear", "masked loop")
+JUDGED = ("MoE linear", "MoE cosine")
+# (device, dtype) -> the largest MoE / dense MLP time ratio per judged row
+TARGETS = {("cpu", "fp32"): {"MoE linear": 1.2, "MoE cosine": 1.3},
+           ("cpu", "bf16"): {"MoE linear": 1.6, "MoE cosine": 1.6},
+           ("cuda", "fp32"): {"MoE linear": 1.2, "MoE cosine": 1.2},
+           ("cuda", "bf16"): {"MoE linear": 1.2, "MoE cosine": 1.2}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -84,6 +95,16 @@ class MoELayer(nn.Module):
         return self.moe(x), self.moe.aux_loss
 
 
+class DeepSpeedForwardMoE(MoELayer):
+    """The same layer, run through DeepSpeed's own MOELayer.forward instead of ours."""
+
+    def forward(self, x):
+        layer = self.moe.moe.deepspeed_moe
+        out = MOELayer.forward(layer, x, None)
+        self.moe.dropped_fraction = self.moe.router.dropped_fraction
+        return out, layer.l_aux * self.moe.aux_weight
+
+
 class MaskedLoopMoE(nn.Module):
     """Top-1 MoE written as a per-expert loop over boolean masks (no capacity, no DeepSpeed)."""
 
@@ -118,6 +139,8 @@ def build(variant: str, shape: Shape, num_experts: int, seed: int) -> nn.Module:
     if variant == "MoE cosine":
         cfg.router = "cosine"
         return MoELayer(shape, cfg, seed)
+    if variant == "DS linear":
+        return DeepSpeedForwardMoE(shape, cfg, seed)
     if variant == "masked loop":
         return MaskedLoopMoE(shape, cfg)
     raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
@@ -206,14 +229,15 @@ def bench_group(shape: Shape, num_experts: int, device: torch.device, dtype: tor
     return results
 
 
-def verdicts(group: list[Result], target: float, stat=statistics.median) -> dict[str, str]:
-    """PASS/MISS per MoE row: <= target x dense and faster than the loop, on `stat` of each layer's times."""
+def verdicts(group: list[Result], target: dict[str, float], stat=statistics.median) -> dict[str, str]:
+    """PASS/MISS per judged row: <= its target x dense (and the linear MoE faster than the masked loop, which
+    routes with the same gate), on `stat` of each layer's times."""
     t = {r.variant: stat(r.times) for r in group}
-    return {v: "PASS" if t[v] <= target * t["dense MLP"] and t[v] < t["masked loop"] else "MISS"
-            for v in ("MoE linear", "MoE cosine")}
+    fast = {"MoE linear": t["MoE linear"] < t["masked loop"], "MoE cosine": True}
+    return {v: "PASS" if t[v] <= target[v] * t["dense MLP"] and fast[v] else "MISS" for v in JUDGED}
 
 
-def format_table(results: list[Result], target: float) -> str:
+def format_table(results: list[Result], target: dict[str, float]) -> str:
     header = (f"{'experts':>7}  {'layer':<12}{'median ms':>10}{'min..max ms':>18}{'x dense':>9}{'best x':>8}"
               f"{'peak MiB':>10}{'x dense':>9}{'dropped':>9}  verdict")
     lines = [header, "-" * len(header)]
@@ -231,7 +255,7 @@ def format_table(results: list[Result], target: float) -> str:
     return "\n".join(lines)
 
 
-def missed(results: list[Result], target: float, stat) -> list[str]:
+def missed(results: list[Result], target: dict[str, float], stat) -> list[str]:
     return [f"{e} experts {v}" for e in sorted({r.experts for r in results})
             for v, verdict in verdicts([r for r in results if r.experts == e], target, stat).items()
             if verdict == "MISS"]
@@ -324,7 +348,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     shape = Shape(3 * args.batch, args.tokens, args.dim, args.hidden)
-    target = TARGET[device.type]
+    target = TARGETS[(device.type, args.dtype)]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"
     print(f"# FRM MoE layer, forward + backward | torch {torch.__version__} | {where} | {args.dtype} | "
@@ -337,7 +361,9 @@ def run(args) -> int:
         results += bench_group(shape, e, device, dtype, args.warmup, args.repeat, args.seed, CLOCKS[args.clock])
     print(format_table(results, target))
     by_median, by_best = missed(results, target, statistics.median), missed(results, target, min)
-    print(f"target (MoE <= {target}x dense MLP on {device.type}, faster than the masked loop), on medians: "
+    bounds = ", ".join(f"{v} <= {x}x" for v, x in target.items())
+    print(f"target ({bounds} dense MLP on {device.type} {args.dtype}; MoE linear faster than the masked loop), "
+          f"on medians: "
           + ("met" if not by_median else "MISSED by " + ", ".join(by_median)))
     print("  on best times (the least disturbed on a shared machine): "
           + ("met" if not by_best else "MISSED by " + ", ".join(by_best)))

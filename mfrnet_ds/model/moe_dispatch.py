@@ -116,32 +116,29 @@ class _DispatchTop1(torch.autograd.Function):
 
 
 class _CombineTop1(torch.autograd.Function):
-    """(N, D) expert outputs -> (S, D): gate[s] x out[slot[s]], the product in fp32 as DeepSpeed's, written
-    in the output dtype. A dropped token (slot N) reads slot 0; its gate must be 0 (the caller masks it)."""
+    """(N, D) expert outputs -> (S, D): gate[s] x out[slot[s]], the product in the gate's fp32 as DeepSpeed's,
+    rounded to the output dtype. A dropped token (slot N) reads slot 0; the caller sets its gate to 0."""
 
     @staticmethod
     def forward(ctx, out_nd, slot_s, gate_s):
         num_slots = out_nd.shape[0]
         read_s = torch.where(slot_s < num_slots, slot_s, 0)
         ctx.save_for_backward(out_nd, slot_s, gate_s)
-        return out_nd.index_select(0, read_s).mul_(gate_s.unsqueeze(1))
+        product_sd = out_nd.index_select(0, read_s).to(gate_s.dtype).mul_(gate_s.unsqueeze(1))
+        return product_sd.to(out_nd.dtype)        # in fp32, .to() returns the same tensor: no copies
 
     @staticmethod
     def backward(ctx, grad_sd):
         out_nd, slot_s, gate_s = ctx.saved_tensors
         num_slots, dim = out_nd.shape
-        # the token gradients in slot order (row N: the dropped tokens'), then scaled by each slot's gate
-        grad_nd = grad_sd.new_zeros(num_slots + 1, dim).index_copy_(0, slot_s, grad_sd)
-        grad_gate_n = _rowdot_fp32(grad_nd[:num_slots], out_nd)
+        # the token gradients in slot order, in fp32 (row N: the dropped tokens'), then x each slot's gate
+        grad_nd = grad_sd.new_zeros(num_slots + 1, dim).index_copy_(0, slot_s, grad_sd).to(gate_s.dtype)
+        # an einsum is a batched matmul: the row-wise dot products allocate no (N, D) product
+        grad_gate_n = torch.einsum("nd,nd->n", grad_nd[:num_slots], out_nd.to(grad_nd.dtype))
         grad_gate_s = torch.cat([grad_gate_n, grad_gate_n.new_zeros(1)]).index_select(0, slot_s)
         gate_n = gate_s.new_zeros(num_slots + 1).index_copy_(0, slot_s, gate_s)
         grad_nd.mul_(gate_n.unsqueeze(1))
-        return grad_nd[:num_slots], None, grad_gate_s.to(gate_s.dtype)
-
-
-def _rowdot_fp32(a_nd: torch.Tensor, b_nd: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products in fp32; an einsum is a batched matmul, so no (N, D) product is allocated."""
-    return torch.einsum("nd,nd->n", a_nd.float(), b_nd.float())
+        return grad_nd[:num_slots].to(out_nd.dtype), None, grad_gate_s
 
 
 def run_experts(experts: nn.ModuleList, x_gecd: torch.Tensor) -> torch.Tensor:

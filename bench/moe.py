@@ -24,6 +24,11 @@ after warm-up. Reported: the median with the min..max spread, the ratio of media
 ("x dense", what the verdict uses) and the ratio of best times ("best x"): on a busy shared CPU other
 processes only ever add time, so the best step is the least disturbed estimate of a layer's own cost.
 
+Then, for the first expert count, the local experts alone on the same (E, C, D) slot buffer, forward +
+backward: DeepSpeed's loop over experts (`Experts.forward`), ours (`run_experts`: weights stacked in every
+forward, two baddbmm), and the same baddbmm on weights stored stacked (no stack copy; the layout a stacked
+checkpoint format would need), which says whether stacking in forward costs enough to change the format.
+
 Peak memory is the most bytes allocated during one step above what was live before it (weights,
 input and the fixed upstream gradient excluded):
     cuda: torch.cuda.max_memory_allocated() - memory_allocated() at the start, after a peak reset;
@@ -51,6 +56,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mfrnet_ds.config import MoEConfig
 from mfrnet_ds.model.moe import Expert, SparseMoE
+from mfrnet_ds.model.moe_dispatch import _loop, run_experts
 
 VARIANTS = ("dense MLP", "MoE linear", "MoE cosine", "DS linear", "masked loop")
 JUDGED = ("MoE linear", "MoE cosine")
@@ -261,6 +267,55 @@ def missed(results: list[Result], target: dict[str, float], stat) -> list[str]:
             if verdict == "MISS"]
 
 
+class StoredStacked(nn.Module):
+    """The grouped experts with parameters stored stacked (E, H, D): no stack copy in forward."""
+
+    def __init__(self, experts: nn.ModuleList):
+        super().__init__()
+        stack = lambda name: nn.Parameter(torch.stack([e.get_parameter(name) for e in experts]).detach().clone())
+        self.w1, self.b1, self.w2, self.b2 = (stack(n) for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
+        self.first = experts[0]
+
+    def forward(self, x_ecd):
+        h_ech = torch.baddbmm(self.b1.unsqueeze(1), x_ecd, self.w1.transpose(1, 2))
+        y_ecd = torch.baddbmm(self.b2.unsqueeze(1), self.first.dropout_(h_ech), self.w2.transpose(1, 2))
+        return y_ecd.add_(x_ecd)
+
+
+def grouped_vs_loop(shape: Shape, num_experts: int, device, dtype, warmup: int, repeat: int, seed: int,
+                    clock) -> str:
+    """The local experts alone, forward + backward on one slot buffer: loop vs grouped vs stored stacked."""
+    experts = build("MoE linear", shape, num_experts, seed).to(device=device, dtype=dtype).train()
+    experts = experts.moe.local_experts
+    capacity = -(-shape.num_tokens // num_experts)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_experts, capacity, shape.dim, generator=gen).to(device=device, dtype=dtype)
+    x.requires_grad_(True)
+    g = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
+    stored = StoredStacked(experts)
+    paths = {"DeepSpeed loop": (lambda t: _loop(experts, t.unsqueeze(0))[0], experts),
+             "grouped (stack in forward)": (lambda t: run_experts(experts, t.unsqueeze(0))[0], experts),
+             "grouped (stored stacked)": (stored, stored)}
+    times = {name: [] for name in paths}
+    for i in range(warmup + repeat):
+        for name, (fn, params) in paths.items():
+            params.zero_grad(set_to_none=True)
+            x.grad = None
+            sync(device)
+            start = clock()
+            (fn(x) * g).sum().backward()
+            sync(device)
+            if i >= warmup:
+                times[name].append(clock() - start)
+    base = statistics.median(times["DeepSpeed loop"])
+    lines = [f"{'experts only, ' + str(num_experts) + ' x ' + str(capacity) + ' slots':<34}{'median ms':>10}"
+             f"{'min ms':>8}{'x loop':>8}"]
+    for name, t in times.items():
+        lines.append(f"{name:<34}{1e3 * statistics.median(t):>10.1f}{1e3 * min(t):>8.1f}"
+                     f"{statistics.median(t) / base:>7.2f}x")
+    return "\n".join(lines)
+
+
 def profile_ops(shape: Shape, num_experts: int, device: torch.device, dtype: torch.dtype, seed: int,
                 steps: int = 3, rows: int = 18) -> str:
     """Self time per op and step (torch.profiler) for the dense MLP and both MoEs, the ops the MoE adds most
@@ -367,6 +422,9 @@ def run(args) -> int:
           + ("met" if not by_median else "MISSED by " + ", ".join(by_median)))
     print("  on best times (the least disturbed on a shared machine): "
           + ("met" if not by_best else "MISSED by " + ", ".join(by_best)))
+    print()
+    print(grouped_vs_loop(shape, args.experts[0], device, dtype, args.warmup, args.repeat, args.seed,
+                          CLOCKS[args.clock]))
     if args.profile:
         print(f"\n# torch.profiler, {args.experts[0]} experts: ops by the time the MoE adds over the dense MLP")
         print(profile_ops(shape, args.experts[0], device, dtype, args.seed))

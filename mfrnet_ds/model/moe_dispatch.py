@@ -10,12 +10,19 @@ per-expert parameters and so the checkpoint layout):
   a token over capacity lands on one scratch row past the end, so the copy needs no branch;
 - experts: when they are `Expert`s, the local experts run as two `baddbmm`s over their weights stacked in
   forward (E_local, H, D) - per slot exactly the `addmm` of each expert's `nn.Linear`;
-- combine (top-1): one gather from the expert output, weighted by the gate; a dropped token reads slot 0 with
-  its gate forced to 0, where DeepSpeed reads a zero row it appended to a copy of the whole output.
+- combine (top-1): one gather from the expert output, times the gate in fp32 as DeepSpeed's; a dropped token
+  reads slot 0 with its gate forced to 0, where DeepSpeed reads a zero row appended to a copy of the output.
+Dispatch and combine are autograd functions so that the backward also makes one copy each way.
 
-For every input the output equals DeepSpeed's own forward (tests/test_moe_speed.py), except that a dropped
-token's output is 0 x (slot 0's output) rather than 0 x 0, which differs only when that output is not finite.
-k > 1 uses DeepSpeed's own encode/decode (several routes per token: its gather sums them in its order).
+On CPU every (tokens, D) tensor allocated costs a fresh mmap and its page faults (~30 ms at the paper's
+shapes, more than the copy itself), so the count of such tensors is what these functions cut.
+
+The output equals DeepSpeed's own forward for every input (tests/test_moe_speed.py), except that a dropped
+token's output is 0 x (slot 0's output) rather than 0 x 0, which differs only when that output is not finite;
+gradients equal it up to the summation order of the gate's dot product. k > 1 uses DeepSpeed's own
+encode/decode (several routes per token, which its gather sums in its order).
+Host syncs: none of our own; `int(capacity)` reads a host tensor when tokens are dropped (DeepSpeed computes
+it from shapes), and the device's largest expert count when they are not (drop_tokens=False: one per layer).
 """
 from __future__ import annotations
 
@@ -62,8 +69,7 @@ class GroupedMOELayer(MOELayer):
         tokens_sd = x.reshape(-1, dim)
         self.l_aux, capacity, num_experts, indices_ks, locations_ks, gates_ks, self.exp_counts = self.gate(
             tokens_sd, used_token, True, False)
-        # With drop_tokens the capacity is computed from shapes on the host: int() reads no device. Without,
-        # it is the largest expert's token count, a device value the buffer shapes need (one sync per layer).
+        # a host tensor with drop_tokens (no sync); without, a device count the buffers' shape needs
         slots_per_expert = int(capacity)
         slots_ks = _route_slots(indices_ks, locations_ks, num_experts, slots_per_expert)  # dropped: E * C
         dispatched_ecd = _dispatch(tokens_sd, slots_ks, num_experts, slots_per_expert)

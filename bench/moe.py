@@ -278,8 +278,8 @@ class StoredStacked(nn.Module):
 
     def forward(self, x_ecd):
         h_ech = torch.baddbmm(self.b1.unsqueeze(1), x_ecd, self.w1.transpose(1, 2))
-        y_ecd = torch.baddbmm(self.b2.unsqueeze(1), self.first.dropout_(h_ech), self.w2.transpose(1, 2))
-        return y_ecd.add_(x_ecd)
+        y_ecd = torch.baddbmm(self.b2.unsqueeze(1), self.first.drop(h_ech), self.w2.transpose(1, 2))
+        return x_ecd + y_ecd
 
 
 def grouped_vs_loop(shape: Shape, num_experts: int, device, dtype, warmup: int, repeat: int, seed: int,

@@ -27,7 +27,6 @@ it from shapes), and the device's largest expert count when they are not (drop_t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import MOELayer, _AllToAll, _route_slots, _sparse_decode, _sparse_encode
 from deepspeed.utils import groups
 from torch import nn
@@ -44,13 +43,8 @@ class Expert(nn.Module):
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(self.dropout_(self.fc1(x)))
-        return y.add_(x) if self.residual else y
-
-    def dropout_(self, h: torch.Tensor) -> torch.Tensor:
-        """Dropout in place: h is a fresh projection output that its matmul's backward does not read (as is
-        the residual sum's left operand), which saves a tensor of every token per step on CPU."""
-        return F.dropout(h, self.drop.p, self.drop.training, inplace=True)
+        y = self.fc2(self.drop(self.fc1(x)))
+        return x + y if self.residual else y
 
 
 class GroupedMOELayer(MOELayer):
@@ -173,9 +167,9 @@ def grouped_expert_forward(experts: nn.ModuleList, x_ecd: torch.Tensor) -> torch
     w2_edh = torch.stack([e.fc2.weight for e in experts])
     b2_ed = torch.stack([e.fc2.bias for e in experts])
     h_ech = torch.baddbmm(b1_eh.unsqueeze(1), x_ecd, w1_ehd.transpose(1, 2))
-    h_ech = first.dropout_(h_ech)                              # per element, as in each expert
+    h_ech = first.drop(h_ech)                                   # per element, as in each expert
     y_ecd = torch.baddbmm(b2_ed.unsqueeze(1), h_ech, w2_edh.transpose(1, 2))
-    return y_ecd.add_(x_ecd) if first.residual else y_ecd
+    return x_ecd + y_ecd if first.residual else y_ecd
 
 
 def _loop(experts: nn.ModuleList, x_gecd: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ shapes, more than the copy itself), so the count of such tensors is what these f
 
 The output equals DeepSpeed's own forward for every input (tests/test_moe_speed.py), except that a dropped
 token's output is 0 x (slot 0's output) rather than 0 x 0, which differs only when that output is not finite;
-gradients equal it up to the summation order of the gate's dot product. k > 1 uses DeepSpeed's own
+gradients equal it in fp32 up to the summation order of the gate's dot product (in bf16 the combine's
+backward runs in bf16, where DeepSpeed's runs in fp32: equal to bf16 rounding). k > 1 uses DeepSpeed's own
 encode/decode (several routes per token, which its gather sums in its order).
 Host syncs: none of our own; `int(capacity)` reads a host tensor when tokens are dropped (DeepSpeed computes
 it from shapes), and the device's largest expert count when they are not (drop_tokens=False: one per layer).
@@ -131,14 +132,15 @@ class _CombineTop1(torch.autograd.Function):
     def backward(ctx, grad_sd):
         out_nd, slot_s, gate_s = ctx.saved_tensors
         num_slots, dim = out_nd.shape
-        # the token gradients in slot order, in fp32 (row N: the dropped tokens'), then x each slot's gate
-        grad_nd = grad_sd.new_zeros(num_slots + 1, dim).index_copy_(0, slot_s, grad_sd).to(gate_s.dtype)
+        # the token gradients in slot order (row N: the dropped tokens'), then x each slot's gate. In the
+        # model dtype, not DeepSpeed's fp32: in bf16 its fp32 copies were a third of the layer's extra time.
+        grad_nd = grad_sd.new_zeros(num_slots + 1, dim).index_copy_(0, slot_s, grad_sd)
         # an einsum is a batched matmul: the row-wise dot products allocate no (N, D) product
-        grad_gate_n = torch.einsum("nd,nd->n", grad_nd[:num_slots], out_nd.to(grad_nd.dtype))
+        grad_gate_n = torch.einsum("nd,nd->n", grad_nd[:num_slots], out_nd).to(gate_s.dtype)
         grad_gate_s = torch.cat([grad_gate_n, grad_gate_n.new_zeros(1)]).index_select(0, slot_s)
         gate_n = gate_s.new_zeros(num_slots + 1).index_copy_(0, slot_s, gate_s)
-        grad_nd.mul_(gate_n.unsqueeze(1))
-        return grad_nd[:num_slots].to(out_nd.dtype), None, grad_gate_s
+        grad_nd.mul_(gate_n.to(grad_nd.dtype).unsqueeze(1))
+        return grad_nd[:num_slots], None, grad_gate_s
 
 
 def run_experts(experts: nn.ModuleList, x_gecd: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,15 @@
     python bench/moe.py --profile               # also: where the MoE's time goes (torch.profiler)
     python bench/moe.py --threads 1 --clock cpu # on a busy shared CPU: CPU time of one thread
 
-For each expert count (default 6, 8 and 32) four layers run on the same tokens (3B, T, D) in training
+For each expert count (default 6, 8 and 32) five layers run on the same tokens (3B, T, D) in training
 mode (dropout on, gate noise on, as the FRM trains):
     dense MLP    one expert's size (D -> H -> D, own residual) applied to every token: the same active
                  parameters per token as a top-1 MoE; the peer every ratio is taken against
-    MoE linear   mfrnet_ds SparseMoE (DeepSpeed's MoE layer, ep_size 1) with the linear top-1 gate
+    MoE linear   mfrnet_ds SparseMoE (DeepSpeed's MoE layer with our forward, GroupedMOELayer: one copy each
+                 way for dispatch/combine, the local experts as batched matmuls; ep_size 1), linear top-1 gate
     MoE cosine   the same with the cosine router
+    DS linear    MoE linear run through DeepSpeed's own MOELayer.forward (its padded gather copies, the
+                 Python loop over experts and cat, the fp32 combine): what GroupedMOELayer replaces
     masked loop  the plain way: the linear gate's top-1, then out[mask_e] = gate * expert_e(x[mask_e])
                  for each expert e (no capacity limit, so no token is dropped). It routes with the linear
                  gate, so against the cosine MoE it also saves the cosine router's cost
@@ -21,12 +24,19 @@ after warm-up. Reported: the median with the min..max spread, the ratio of media
 ("x dense", what the verdict uses) and the ratio of best times ("best x"): on a busy shared CPU other
 processes only ever add time, so the best step is the least disturbed estimate of a layer's own cost.
 
+Then, for the first expert count, the local experts alone on the same (E, C, D) slot buffer, forward +
+backward: DeepSpeed's loop over experts (`Experts.forward`), ours (`run_experts`: weights stacked in every
+forward, two baddbmm), and the same baddbmm on weights stored stacked (no stack copy; the layout a stacked
+checkpoint format would need), which says whether stacking in forward costs enough to change the format.
+
 Peak memory is the most bytes allocated during one step above what was live before it (weights,
 input and the fixed upstream gradient excluded):
     cuda: torch.cuda.max_memory_allocated() - memory_allocated() at the start, after a peak reset;
     cpu:  from torch.profiler's memory events (profile_memory=True): the running sum of every
           allocation and free made by torch's CPU allocator in time order, its maximum.
-Targets: each MoE <= 1.3x the dense MLP's time on CPU, <= 1.2x on GPU, and faster than the loop.
+Targets (issue 13): on CPU the cosine MoE <= 1.3x the dense MLP in fp32 and <= 1.6x in bf16, the linear MoE
+<= 1.2x in fp32 (bf16: no stated target, held to the cosine's 1.6x) and faster than the masked loop (which
+routes with the same linear gate); on GPU both <= 1.2x.
 """
 from __future__ import annotations
 
@@ -40,14 +50,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from deepspeed.moe.sharded_moe import MOELayer
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from mfrnet_ds.config import MoEConfig
 from mfrnet_ds.model.moe import Expert, SparseMoE
+from mfrnet_ds.model.moe_dispatch import _loop, run_experts
 
-VARIANTS = ("dense MLP", "MoE linear", "MoE cosine", "masked loop")
-TARGET = {"cpu": 1.3, "cuda": 1.2}
+VARIANTS = ("dense MLP", "MoE linear", "MoE cosine", "DS linear", "masked loop")
+JUDGED = ("MoE linear", "MoE cosine")
+# (device, dtype) -> the largest MoE / dense MLP time ratio per judged row
+TARGETS = {("cpu", "fp32"): {"MoE linear": 1.2, "MoE cosine": 1.3},
+           ("cpu", "bf16"): {"MoE linear": 1.6, "MoE cosine": 1.6},
+           ("cuda", "fp32"): {"MoE linear": 1.2, "MoE cosine": 1.2},
+           ("cuda", "bf16"): {"MoE linear": 1.2, "MoE cosine": 1.2}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -84,6 +101,16 @@ class MoELayer(nn.Module):
         return self.moe(x), self.moe.aux_loss
 
 
+class DeepSpeedForwardMoE(MoELayer):
+    """The same layer, run through DeepSpeed's own MOELayer.forward instead of ours."""
+
+    def forward(self, x):
+        layer = self.moe.moe.deepspeed_moe
+        out = MOELayer.forward(layer, x, None)
+        self.moe.dropped_fraction = self.moe.router.dropped_fraction
+        return out, layer.l_aux * self.moe.aux_weight
+
+
 class MaskedLoopMoE(nn.Module):
     """Top-1 MoE written as a per-expert loop over boolean masks (no capacity, no DeepSpeed)."""
 
@@ -118,6 +145,8 @@ def build(variant: str, shape: Shape, num_experts: int, seed: int) -> nn.Module:
     if variant == "MoE cosine":
         cfg.router = "cosine"
         return MoELayer(shape, cfg, seed)
+    if variant == "DS linear":
+        return DeepSpeedForwardMoE(shape, cfg, seed)
     if variant == "masked loop":
         return MaskedLoopMoE(shape, cfg)
     raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
@@ -206,14 +235,15 @@ def bench_group(shape: Shape, num_experts: int, device: torch.device, dtype: tor
     return results
 
 
-def verdicts(group: list[Result], target: float, stat=statistics.median) -> dict[str, str]:
-    """PASS/MISS per MoE row: <= target x dense and faster than the loop, on `stat` of each layer's times."""
+def verdicts(group: list[Result], target: dict[str, float], stat=statistics.median) -> dict[str, str]:
+    """PASS/MISS per judged row: <= its target x dense (and the linear MoE faster than the masked loop, which
+    routes with the same gate), on `stat` of each layer's times."""
     t = {r.variant: stat(r.times) for r in group}
-    return {v: "PASS" if t[v] <= target * t["dense MLP"] and t[v] < t["masked loop"] else "MISS"
-            for v in ("MoE linear", "MoE cosine")}
+    fast = {"MoE linear": t["MoE linear"] < t["masked loop"], "MoE cosine": True}
+    return {v: "PASS" if t[v] <= target[v] * t["dense MLP"] and fast[v] else "MISS" for v in JUDGED}
 
 
-def format_table(results: list[Result], target: float) -> str:
+def format_table(results: list[Result], target: dict[str, float]) -> str:
     header = (f"{'experts':>7}  {'layer':<12}{'median ms':>10}{'min..max ms':>18}{'x dense':>9}{'best x':>8}"
               f"{'peak MiB':>10}{'x dense':>9}{'dropped':>9}  verdict")
     lines = [header, "-" * len(header)]
@@ -231,10 +261,59 @@ def format_table(results: list[Result], target: float) -> str:
     return "\n".join(lines)
 
 
-def missed(results: list[Result], target: float, stat) -> list[str]:
+def missed(results: list[Result], target: dict[str, float], stat) -> list[str]:
     return [f"{e} experts {v}" for e in sorted({r.experts for r in results})
             for v, verdict in verdicts([r for r in results if r.experts == e], target, stat).items()
             if verdict == "MISS"]
+
+
+class StoredStacked(nn.Module):
+    """The grouped experts with parameters stored stacked (E, H, D): no stack copy in forward."""
+
+    def __init__(self, experts: nn.ModuleList):
+        super().__init__()
+        stack = lambda name: nn.Parameter(torch.stack([e.get_parameter(name) for e in experts]).detach().clone())
+        self.w1, self.b1, self.w2, self.b2 = (stack(n) for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
+        self.first = experts[0]
+
+    def forward(self, x_ecd):
+        h_ech = torch.baddbmm(self.b1.unsqueeze(1), x_ecd, self.w1.transpose(1, 2))
+        y_ecd = torch.baddbmm(self.b2.unsqueeze(1), self.first.drop(h_ech), self.w2.transpose(1, 2))
+        return x_ecd + y_ecd
+
+
+def grouped_vs_loop(shape: Shape, num_experts: int, device, dtype, warmup: int, repeat: int, seed: int,
+                    clock) -> str:
+    """The local experts alone, forward + backward on one slot buffer: loop vs grouped vs stored stacked."""
+    experts = build("MoE linear", shape, num_experts, seed).to(device=device, dtype=dtype).train()
+    experts = experts.moe.local_experts
+    capacity = -(-shape.num_tokens // num_experts)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_experts, capacity, shape.dim, generator=gen).to(device=device, dtype=dtype)
+    x.requires_grad_(True)
+    g = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
+    stored = StoredStacked(experts)
+    paths = {"DeepSpeed loop": (lambda t: _loop(experts, t.unsqueeze(0))[0], experts),
+             "grouped (stack in forward)": (lambda t: run_experts(experts, t.unsqueeze(0))[0], experts),
+             "grouped (stored stacked)": (stored, stored)}
+    times = {name: [] for name in paths}
+    for i in range(warmup + repeat):
+        for name, (fn, params) in paths.items():
+            params.zero_grad(set_to_none=True)
+            x.grad = None
+            sync(device)
+            start = clock()
+            (fn(x) * g).sum().backward()
+            sync(device)
+            if i >= warmup:
+                times[name].append(clock() - start)
+    base = statistics.median(times["DeepSpeed loop"])
+    lines = [f"{'experts only, ' + str(num_experts) + ' x ' + str(capacity) + ' slots':<34}{'median ms':>10}"
+             f"{'min ms':>8}{'x loop':>8}"]
+    for name, t in times.items():
+        lines.append(f"{name:<34}{1e3 * statistics.median(t):>10.1f}{1e3 * min(t):>8.1f}"
+                     f"{statistics.median(t) / base:>7.2f}x")
+    return "\n".join(lines)
 
 
 def profile_ops(shape: Shape, num_experts: int, device: torch.device, dtype: torch.dtype, seed: int,
@@ -324,7 +403,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     shape = Shape(3 * args.batch, args.tokens, args.dim, args.hidden)
-    target = TARGET[device.type]
+    target = TARGETS[(device.type, args.dtype)]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"
     print(f"# FRM MoE layer, forward + backward | torch {torch.__version__} | {where} | {args.dtype} | "
@@ -337,10 +416,15 @@ def run(args) -> int:
         results += bench_group(shape, e, device, dtype, args.warmup, args.repeat, args.seed, CLOCKS[args.clock])
     print(format_table(results, target))
     by_median, by_best = missed(results, target, statistics.median), missed(results, target, min)
-    print(f"target (MoE <= {target}x dense MLP on {device.type}, faster than the masked loop), on medians: "
+    bounds = ", ".join(f"{v} <= {x}x" for v, x in target.items())
+    print(f"target ({bounds} dense MLP on {device.type} {args.dtype}; MoE linear faster than the masked loop), "
+          f"on medians: "
           + ("met" if not by_median else "MISSED by " + ", ".join(by_median)))
     print("  on best times (the least disturbed on a shared machine): "
           + ("met" if not by_best else "MISSED by " + ", ".join(by_best)))
+    print()
+    print(grouped_vs_loop(shape, args.experts[0], device, dtype, args.warmup, args.repeat, args.seed,
+                          CLOCKS[args.clock]))
     if args.profile:
         print(f"\n# torch.profiler, {args.experts[0]} experts: ops by the time the MoE adds over the dense MLP")
         print(profile_ops(shape, args.experts[0], device, dtype, args.seed))

@@ -63,12 +63,12 @@ def test_batch_of_one_goes_through_both_moe_paths():
 
 def test_experts_distinct_weights_and_tokens():
     model = build_model(tiny("model.frm.num_experts=4")).eval()
-    seen: dict[tuple[str, int], torch.Tensor] = {}
-    hooks = []
-    for layer in model.moe_layers:
-        for i, expert in enumerate(layer.local_experts):
-            hooks.append(expert.register_forward_hook(
-                lambda mod, inp, out, key=(layer.name, i): seen.__setitem__(key, inp[0].detach())))
+    # the experts run batched (GroupedMOELayer), not one module call each: read what each expert receives
+    # from its layer's router, (tokens, D) in and the (k, tokens) expert index out (-1: over capacity)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [layer.router.register_forward_hook(
+        lambda mod, inp, out, name=layer.name: seen.__setitem__(name, (inp[0].detach(), out[3])))
+        for layer in model.moe_layers]
     images, camids = batch(4, (64, 32))
     with torch.no_grad():
         model(images, camids)
@@ -77,9 +77,8 @@ def test_experts_distinct_weights_and_tokens():
         for a in range(len(weights)):
             for b in range(a + 1, len(weights)):
                 assert not torch.allclose(weights[a], weights[b]), (layer.name, a, b)
-        # slots an expert gets no token for are zero rows; compare the tokens actually received
-        received = [seen[(layer.name, i)].reshape(-1, seen[(layer.name, i)].shape[-1]) for i in range(len(weights))]
-        received = [r[r.abs().sum(1) > 0] for r in received]
+        tokens, indices = seen[layer.name]
+        received = [tokens[(indices == i).any(0)] for i in range(len(weights))]
         busy = [r for r in received if len(r)]
         assert len(busy) >= 2, layer.name
         for a in range(len(busy)):

@@ -1,7 +1,9 @@
 """Sparse MoE on DeepSpeed's MoE layer: experts, the two routers, and a wrapper that keeps the aux loss.
 
-DeepSpeed owns dispatch, capacity, token dropping and the expert-parallel all-to-all. We add:
-- `Expert`: a token-wise D -> H -> D projection (optionally with its own residual, as the FRM experts).
+DeepSpeed owns the gating functions, capacity, token dropping and the expert-parallel all-to-all. We add:
+- `Expert` (moe_dispatch.py): a token-wise D -> H -> D projection (optionally with its own residual, as the
+  FRM experts), and `GroupedMOELayer` (moe_dispatch.py): DeepSpeed's layer with cheaper dispatch/combine and
+  the local experts as batched matmuls, equal to DeepSpeed's forward.
 - Two routers that plug into DeepSpeed's `MOELayer` in place of the gate it builds: its linear top-k gate
   (unchanged maths, plus routing statistics) and a cosine top-k router like the paper's.
 - `SparseMoE`: returns a tensor, so it can stand in for a ViT block's MLP, and keeps the last forward's
@@ -25,21 +27,8 @@ from deepspeed.moe.sharded_moe import (TopKGate, _capacity, multiplicative_jitte
 from torch import nn
 
 from mfrnet_ds.config import MoEConfig
-
-
-class Expert(nn.Module):
-    """D -> H -> D with dropout between and no activation (as the paper's experts)."""
-
-    def __init__(self, dim: int, hidden: int, dropout: float, residual: bool):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.residual = residual
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc2(self.drop(self.fc1(x)))
-        return x + y if self.residual else y
+from mfrnet_ds.model.moe_dispatch import Expert as Expert  # re-exported: the experts' home is moe_dispatch
+from mfrnet_ds.model.moe_dispatch import GroupedMOELayer
 
 
 def tutel_balance_loss(logits: torch.Tensor, noisy_logits: torch.Tensor, noise_std: float, k: int) -> torch.Tensor:
@@ -137,13 +126,16 @@ class _Router(TopKGate):
         self.load_noise_std = cfg.gate_noise_scale / cfg.num_experts
         self.dropped_fraction = torch.zeros(())
 
-    def logits(self, x_fp32: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, experts) fp32 logits of tokens x in the model dtype."""
         raise NotImplementedError
 
     def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
         if not sparse_routes:
             raise ValueError("mfrnet_ds routers serve DeepSpeed's sparse dispatch only")
-        x = input.float()  # routing in fp32 whatever the model dtype, as DeepSpeed's own gate
+        # No fp32 copy of every token (DeepSpeed's gate makes one): the projection runs in the model dtype,
+        # the logits and everything after them in fp32. In an fp32 model this is DeepSpeed's computation.
+        x = input
         if self.noisy_gate_policy == "Jitter" and self.training:
             x = multiplicative_jitter(x, device=x.device)
         clean = self.logits(x)
@@ -210,8 +202,8 @@ class _Router(TopKGate):
 class LinearRouter(_Router):
     """DeepSpeed's top-k gate: logits = x W (its `wg` weight)."""
 
-    def logits(self, x_fp32):
-        return F.linear(x_fp32, self.wg.weight.float())
+    def logits(self, x):
+        return F.linear(x, self.wg.weight.to(x.dtype)).float()
 
 
 class CosineRouter(_Router):
@@ -236,8 +228,10 @@ class CosineRouter(_Router):
         self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))  # 1-d: DeepSpeed cannot broadcast 0-d
         self.max_log_scale = math.log(1.0 / min_temperature)
 
-    def logits(self, x_fp32):
-        q = F.normalize(F.linear(x_fp32, self.proj.weight.float(), self.proj.bias.float()), dim=-1)
+    def logits(self, x):
+        # the 768 -> 256 projection is most of the router's cost: model dtype; its normalisation in fp32
+        projected = F.linear(x, self.proj.weight.to(x.dtype), self.proj.bias.to(x.dtype))
+        q = F.normalize(projected.float(), dim=-1)
         keys = F.normalize(self.centroids.float(), dim=-1)
         scale = self.log_scale.float().clamp(max=self.max_log_scale).exp()
         return scale * (q @ keys.t())          # (tokens, experts)
@@ -272,7 +266,9 @@ class SparseMoE(nn.Module):
                        capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
                        min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens,
                        noisy_gate_policy=_deepspeed_noise(cfg))
-        # DeepSpeed's MoE takes no gate argument: swap the gate it built, keeping its dispatch and all-to-all.
+        # DeepSpeed's MoE takes no gate argument: swap the gate it built; and its layer for ours (same experts,
+        # all-to-all and parameter names; fewer copies and one batched matmul per projection: moe_dispatch.py)
+        self.moe.deepspeed_moe = GroupedMOELayer.replacing(self.moe.deepspeed_moe)
         self.moe.deepspeed_moe.gate = ROUTERS[cfg.router](dim, cfg)
         if shared_experts:
             # the reference's experts: every slot of the layer runs one module (one weight set). The module

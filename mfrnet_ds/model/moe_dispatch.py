@@ -1,0 +1,183 @@
+"""Our forward for DeepSpeed's MoE layer: its gate, capacity and all-to-all, with fewer copies around them.
+
+DeepSpeed 0.19.8's `MOELayer.forward` gathers the routed tokens from a zero-padded copy of the input, runs the
+local experts as a Python loop of small GEMMs joined by `cat`, and gathers the results back from a zero-padded
+copy of the output. On CPU those copies cost more than the routing itself (bench/RESULTS.md). `GroupedMOELayer`
+changes three things and keeps the rest (the gate call, the capacity, `_AllToAll` for ep_size > 1, the
+per-expert parameters and so the checkpoint layout):
+
+- dispatch (top-1): every kept token is copied once into a zeroed (E * C, D) slot buffer (`index_copy_`);
+  a token over capacity lands on one scratch row past the end, so the copy needs no branch;
+- experts: when they are `Expert`s, the local experts run as two `baddbmm`s over their weights stacked in
+  forward (E_local, H, D) - per slot exactly the `addmm` of each expert's `nn.Linear`;
+- combine (top-1): one gather from the expert output, times the gate in fp32 as DeepSpeed's; a dropped token
+  reads slot 0 with its gate forced to 0, where DeepSpeed reads a zero row appended to a copy of the output.
+Dispatch and combine are autograd functions so that the backward also makes one copy each way.
+
+On CPU every (tokens, D) tensor allocated costs a fresh mmap and its page faults (~30 ms at the paper's
+shapes, more than the copy itself), so the count of such tensors is what these functions cut.
+
+The output equals DeepSpeed's own forward for every input (tests/test_moe_speed.py), except that a dropped
+token's output is 0 x (slot 0's output) rather than 0 x 0, which differs only when that output is not finite;
+gradients equal it in fp32 up to the summation order of the gate's dot product (in bf16 the combine's
+backward runs in bf16, where DeepSpeed's runs in fp32: equal to bf16 rounding). k > 1 uses DeepSpeed's own
+encode/decode (several routes per token, which its gather sums in its order).
+Host syncs: none of our own; `int(capacity)` reads a host tensor when tokens are dropped (DeepSpeed computes
+it from shapes), and the device's largest expert count when they are not (drop_tokens=False: one per layer).
+"""
+from __future__ import annotations
+
+import torch
+from deepspeed.moe.sharded_moe import MOELayer, _AllToAll, _route_slots, _sparse_decode, _sparse_encode
+from deepspeed.utils import groups
+from torch import nn
+
+
+class Expert(nn.Module):
+    """D -> H -> D with dropout between and no activation (as the paper's experts)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float, residual: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(self.drop(self.fc1(x)))
+        return x + y if self.residual else y
+
+
+class GroupedMOELayer(MOELayer):
+    """`MOELayer` with the forward described in the module docstring; built from DeepSpeed's layer."""
+
+    @classmethod
+    def replacing(cls, layer: MOELayer) -> GroupedMOELayer:
+        return cls(layer.gate, layer.experts, layer.ep_group_name, layer.ep_size, layer.num_local_experts)
+
+    def forward(self, *inputs: torch.Tensor, **kwargs) -> torch.Tensor:
+        if groups.mpu is not None or self.use_tutel:   # tensor-parallel and Tutel paths: DeepSpeed's own
+            return super().forward(*inputs, **kwargs)
+        x = inputs[0]
+        used_token = inputs[1] if len(inputs) > 1 else None
+        dim = x.shape[-1]
+        tokens_sd = x.reshape(-1, dim)
+        self.l_aux, capacity, num_experts, indices_ks, locations_ks, gates_ks, self.exp_counts = self.gate(
+            tokens_sd, used_token, True, False)
+        # a host tensor with drop_tokens (no sync); without, a device count the buffers' shape needs
+        slots_per_expert = int(capacity)
+        slots_ks = _route_slots(indices_ks, locations_ks, num_experts, slots_per_expert)  # dropped: E * C
+        dispatched_ecd = _dispatch(tokens_sd, slots_ks, num_experts, slots_per_expert)
+        if self.ep_size > 1:
+            dispatched_ecd = _AllToAll.apply(self.ep_group, dispatched_ecd)
+        # after the all-to-all: (ep, E_local, C, D), this rank's experts' slots from every rank of the group
+        out = run_experts(self.experts.deepspeed_experts,
+                          dispatched_ecd.reshape(self.ep_size, self.num_local_experts, -1, dim))
+        out_ecd = out.reshape(num_experts, -1, dim)
+        if self.ep_size > 1:
+            out_ecd = _AllToAll.apply(self.ep_group, out_ecd)
+        combined_sd = _combine(out_ecd.reshape(-1, dim), slots_ks, indices_ks, gates_ks)
+        return combined_sd.reshape(x.shape)
+
+
+def _dispatch(tokens_sd: torch.Tensor, slots_ks: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Tokens into their expert slots, (E, C, D); empty slots hold zeros."""
+    if slots_ks.shape[0] > 1:
+        return _sparse_encode(tokens_sd, slots_ks, num_experts, capacity)
+    slots_nd = _DispatchTop1.apply(tokens_sd, slots_ks[0], num_experts * capacity)
+    return slots_nd.view(num_experts, capacity, tokens_sd.shape[1])
+
+
+def _combine(out_nd: torch.Tensor, slots_ks: torch.Tensor, indices_ks: torch.Tensor,
+             gates_ks: torch.Tensor) -> torch.Tensor:
+    """Each token's gate-weighted expert output, (S, D), in the output dtype; DeepSpeed's product in fp32."""
+    if slots_ks.shape[0] > 1:
+        return _sparse_decode(out_nd, slots_ks, gates_ks, slots_ks.shape[1])
+    kept_s = indices_ks[0] >= 0
+    return _CombineTop1.apply(out_nd, slots_ks[0], gates_ks[0] * kept_s)
+
+
+class _DispatchTop1(torch.autograd.Function):
+    """(S, D) tokens -> (N, D) slots: token s copied to slot[s]; slot N (one past the end) takes the dropped
+    tokens. One zeroed buffer and one copy each way; autograd's version would add a padded gradient copy."""
+
+    @staticmethod
+    def forward(ctx, tokens_sd, slot_s, num_slots):
+        buffer = tokens_sd.new_zeros(num_slots + 1, tokens_sd.shape[1])
+        buffer.index_copy_(0, slot_s, tokens_sd)
+        ctx.save_for_backward(slot_s)
+        ctx.num_slots = num_slots
+        return buffer[:num_slots]
+
+    @staticmethod
+    def backward(ctx, grad_nd):
+        (slot_s,) = ctx.saved_tensors
+        grad_sd = grad_nd.index_select(0, slot_s.clamp(max=ctx.num_slots - 1))
+        return grad_sd.masked_fill_((slot_s == ctx.num_slots).unsqueeze(1), 0), None, None
+
+
+class _CombineTop1(torch.autograd.Function):
+    """(N, D) expert outputs -> (S, D): gate[s] x out[slot[s]], the product in the gate's fp32 as DeepSpeed's,
+    rounded to the output dtype. A dropped token (slot N) reads slot 0; the caller sets its gate to 0."""
+
+    @staticmethod
+    def forward(ctx, out_nd, slot_s, gate_s):
+        num_slots = out_nd.shape[0]
+        read_s = torch.where(slot_s < num_slots, slot_s, 0)
+        ctx.save_for_backward(out_nd, slot_s, gate_s)
+        product_sd = out_nd.index_select(0, read_s).to(gate_s.dtype).mul_(gate_s.unsqueeze(1))
+        return product_sd.to(out_nd.dtype)        # in fp32, .to() returns the same tensor: no copies
+
+    @staticmethod
+    def backward(ctx, grad_sd):
+        out_nd, slot_s, gate_s = ctx.saved_tensors
+        num_slots, dim = out_nd.shape
+        # the token gradients in slot order (row N: the dropped tokens'), then x each slot's gate. In the
+        # model dtype, not DeepSpeed's fp32: in bf16 its fp32 copies were a third of the layer's extra time.
+        grad_nd = grad_sd.new_zeros(num_slots + 1, dim).index_copy_(0, slot_s, grad_sd)
+        # an einsum is a batched matmul: the row-wise dot products allocate no (N, D) product
+        grad_gate_n = torch.einsum("nd,nd->n", grad_nd[:num_slots], out_nd).to(gate_s.dtype)
+        grad_gate_s = torch.cat([grad_gate_n, grad_gate_n.new_zeros(1)]).index_select(0, slot_s)
+        gate_n = gate_s.new_zeros(num_slots + 1).index_copy_(0, slot_s, gate_s)
+        grad_nd.mul_(gate_n.to(grad_nd.dtype).unsqueeze(1))
+        return grad_nd[:num_slots], None, grad_gate_s
+
+
+def run_experts(experts: nn.ModuleList, x_gecd: torch.Tensor) -> torch.Tensor:
+    """The local experts on their slots: x (ep, E_local, C, D) -> (ep, E_local, C, D)."""
+    if not all(isinstance(e, Expert) for e in experts):
+        return _loop(experts, x_gecd)
+    ep, num_local, capacity, dim = x_gecd.shape
+    x_ecd = x_gecd.transpose(0, 1).reshape(num_local, ep * capacity, dim)   # a view when ep == 1
+    y_ecd = grouped_expert_forward(experts, x_ecd)
+    return y_ecd.view(num_local, ep, capacity, dim).transpose(0, 1)
+
+
+def grouped_expert_forward(experts: nn.ModuleList, x_ecd: torch.Tensor) -> torch.Tensor:
+    """`Expert.forward` of expert e on x[e] for every e, as two batched matmuls.
+
+    The weights are stacked on every call rather than stored stacked, so parameters, optimizer groups and
+    checkpoints stay per expert (`deepspeed_experts.<i>.fc1.weight`); the stack copies 2 E H D numbers per
+    forward, which bench/moe.py measures against the GEMMs it batches. baddbmm(bias, x, W^T) adds the bias
+    as nn.Linear's addmm does, so each slot's result is the loop's to the bit (tested).
+    """
+    first = experts[0]
+    if all(e is first for e in experts):      # shared experts: one weight set, one GEMM over every slot
+        return first(x_ecd.reshape(-1, x_ecd.shape[-1])).view_as(x_ecd)
+    w1_ehd = torch.stack([e.fc1.weight for e in experts])
+    b1_eh = torch.stack([e.fc1.bias for e in experts])
+    w2_edh = torch.stack([e.fc2.weight for e in experts])
+    b2_ed = torch.stack([e.fc2.bias for e in experts])
+    h_ech = torch.baddbmm(b1_eh.unsqueeze(1), x_ecd, w1_ehd.transpose(1, 2))
+    h_ech = first.drop(h_ech)                                   # per element, as in each expert
+    y_ecd = torch.baddbmm(b2_ed.unsqueeze(1), h_ech, w2_edh.transpose(1, 2))
+    return x_ecd + y_ecd if first.residual else y_ecd
+
+
+def _loop(experts: nn.ModuleList, x_gecd: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's `Experts.forward`: expert i on slice i of dim 1."""
+    outs = []
+    for chunk, expert in zip(x_gecd.chunk(len(experts), dim=1), experts):
+        out = expert(chunk)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs, dim=1)

@@ -6,7 +6,7 @@
     python bench/moe.py --profile               # also: where the MoE's time goes (torch.profiler)
     python bench/moe.py --threads 1 --clock cpu # on a busy shared CPU: CPU time of one thread
 
-For each expert count (default 6, 8 and 32) five layers run on the same tokens (3B, T, D) in training
+For each expert count (default 6, 8 and 32) six layers run on the same tokens (3B, T, D) in training
 mode (dropout on, gate noise on, as the FRM trains):
     dense MLP    one expert's size (D -> H -> D, own residual) applied to every token: the same active
                  parameters per token as a top-1 MoE; the peer every ratio is taken against
@@ -15,11 +15,12 @@ mode (dropout on, gate noise on, as the FRM trains):
     MoE cosine   the same with the cosine router
     DS linear    MoE linear run through DeepSpeed's own MOELayer.forward (its padded gather copies, the
                  Python loop over experts and cat, the fp32 combine): what GroupedMOELayer replaces
+    ViT MLP      the ViT block's own MLP (D -> 4D -> D): what an FRM layer replaces (GPU target: MoE <= 1.0x it)
     masked loop  the plain way: the linear gate's top-1, then out[mask_e] = gate * expert_e(x[mask_e])
                  for each expert e (no capacity limit, so no token is dropped). It routes with the linear
                  gate, so against the cosine MoE it also saves the cosine router's cost
 One step = forward, loss = sum(y * g) + aux (g fixed random), backward, with grads cleared before it.
-Steps are timed round-robin over the four layers (so drift on a shared machine hits all of them),
+Steps are timed round-robin over the layers (so drift on a shared machine hits all of them),
 after warm-up. Reported: the median with the min..max spread, the ratio of medians to the dense MLP
 ("x dense", what the verdict uses) and the ratio of best times ("best x"): on a busy shared CPU other
 processes only ever add time, so the best step is the least disturbed estimate of a layer's own cost.
@@ -54,11 +55,13 @@ from deepspeed.moe.sharded_moe import MOELayer
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from timm.layers import Mlp, QuickGELU
+
 from mfrnet_ds.config import MoEConfig
 from mfrnet_ds.model.moe import Expert, SparseMoE
 from mfrnet_ds.model.moe_dispatch import _loop, run_experts
 
-VARIANTS = ("dense MLP", "MoE linear", "MoE cosine", "DS linear", "masked loop")
+VARIANTS = ("dense MLP", "MoE linear", "MoE cosine", "DS linear", "masked loop", "ViT MLP")
 JUDGED = ("MoE linear", "MoE cosine")
 # (device, dtype) -> the largest MoE / dense MLP time ratio per judged row
 TARGETS = {("cpu", "fp32"): {"MoE linear": 1.2, "MoE cosine": 1.3},
@@ -84,6 +87,17 @@ class DenseMLP(nn.Module):
     def __init__(self, shape: Shape, dropout: float):
         super().__init__()
         self.mlp = Expert(shape.dim, shape.hidden, dropout, residual=True)
+
+    def forward(self, x):
+        return self.mlp(x), None
+
+
+class ViTMLP(nn.Module):
+    """The ViT block's own MLP (D -> 4D -> D, QuickGELU as CLIP's): the layer an FRM block replaces."""
+
+    def __init__(self, shape: Shape):
+        super().__init__()
+        self.mlp = Mlp(shape.dim, 4 * shape.dim, act_layer=QuickGELU)
 
     def forward(self, x):
         return self.mlp(x), None
@@ -149,6 +163,8 @@ def build(variant: str, shape: Shape, num_experts: int, seed: int) -> nn.Module:
         return DeepSpeedForwardMoE(shape, cfg, seed)
     if variant == "masked loop":
         return MaskedLoopMoE(shape, cfg)
+    if variant == "ViT MLP":
+        return ViTMLP(shape)
     raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
 
 
@@ -422,6 +438,10 @@ def run(args) -> int:
           + ("met" if not by_median else "MISSED by " + ", ".join(by_median)))
     print("  on best times (the least disturbed on a shared machine): "
           + ("met" if not by_best else "MISSED by " + ", ".join(by_best)))
+    for e in args.experts:
+        t = {r.variant: r.median for r in results if r.experts == e}
+        print(f"  {e} experts vs the ViT MLP an FRM block replaces (GPU target <= 1.0x): "
+              + ", ".join(f"{v} {t[v] / t['ViT MLP']:.2f}x" for v in JUDGED))
     print()
     print(grouped_vs_loop(shape, args.experts[0], device, dtype, args.warmup, args.repeat, args.seed,
                           CLOCKS[args.clock]))

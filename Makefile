@@ -7,12 +7,12 @@ PYTEST_ARGS ?=
 # on one machine do not rebuild it over each other in ~/.cache.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup test demo clean cluster-packages
+.PHONY: setup test lint demo clean cluster-packages
 
-$(BIN)/.installed: requirements.txt requirements-torch.txt
+$(BIN)/.installed: requirements.txt requirements-torch.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -r requirements-torch.txt
-	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -e . --no-deps
 	touch $@
 
@@ -41,7 +41,14 @@ cluster-packages:
 	  echo "cluster-packages: took $$(( $$(date +%s) - start )) s"; \
 	fi
 
-test: setup cluster-packages
+# Lint (undefined names, syntax errors) and repository hygiene: no tracked file over 1 MB (a wheel, a shard or a
+# checkpoint committed by accident).
+lint: setup
+	$(BIN)/ruff check --select F,E9 mfrnet_ds tests launch bench shards
+	@big=$$(git ls-files -z 2>/dev/null | xargs -0 -r du -k --apparent-size 2>/dev/null | awk '$$1 > 1024 {print $$2}'); \
+	if [ -n "$$big" ]; then echo "lint: tracked files over 1 MB: $$big"; exit 1; fi
+
+test: setup cluster-packages lint
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS) tests
 
 demo: setup

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from mfrnet_ds.tracking.names import mlflow_metrics
+
 from launcher import ROOT, free_port, kill_session, rank_processes, read_train_log, remove_shm_buffers, \
     start_deepspeed, tiny_shards, tiny_train_args
 
@@ -129,10 +131,10 @@ def test_server_killed_and_restarted_mid_run_loses_no_metric(shards, tmp_path):
     records = read_train_log(out)       # every metric of every step (evaluation is off: train.eval_on_stop=false)
     assert [r["step"] for r in read_train_log(out)] == list(range(1, STEPS + 1))
     want: dict[str, list] = {}
-    for record in records:
-        for key, value in record.items():
-            if key not in ("step", "time"):
-                want.setdefault(key, []).append((record["step"], pytest.approx(value, rel=1e-6, abs=1e-9)))
+    for record in records:   # the trainer's flat keys, as named and scaled in MLflow (tracking/names.py)
+        logged = mlflow_metrics({k: v for k, v in record.items() if k not in ("step", "time")})
+        for key, value in logged.items():
+            want.setdefault(key, []).append((record["step"], pytest.approx(value, rel=1e-6, abs=1e-9)))
     missing = {}
     for key, points in want.items():
         got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))

@@ -143,9 +143,11 @@ def main(argv=None) -> int:
         print(f"{name:<14}{ms:>10.1f}{sps:>12.1f}{tf:>10.3f}{(f'{mfu:.1f}' if mfu is not None else 'n/a'):>8}"
               f"{rows[0][1] / ms:>9.2f}x")
     guard.check()   # the loop reads the non-finite flag at logging steps; here once, after timing
-    within = rows[1][1] <= rows[0][1] * 1.10
-    print(f"target (the trainer's step within 10% of the plain loop): {'PASS' if within else 'MISS'} "
-          f"({rows[1][1] / rows[0][1]:.3f}x)")
+    # on a shared machine other processes only ever add time: the best step is the least disturbed estimate
+    best = min(times["deepspeed"]) / min(times["plain-torch"])
+    median = rows[1][1] / rows[0][1]
+    print(f"target (the trainer's step within 10% of the plain loop): on medians {'PASS' if median <= 1.1 else 'MISS'}"
+          f" ({median:.3f}x), on best steps {'PASS' if best <= 1.1 else 'MISS'} ({best:.3f}x)")
     if peak:
         ok = rows[1][4] >= 35
         print(f"target (trainer's step >= 35% MFU of the {peak:.0f} TFLOP/s ceiling): {'PASS' if ok else 'MISS'}")

@@ -15,7 +15,7 @@ def load_bench():
     return module
 
 
-def test_quick_run_prints_all_five_layers_with_finite_numbers(capsys):
+def test_quick_run_prints_all_six_layers_with_finite_numbers(capsys):
     bench = load_bench()
     rc = bench.main(["--quick", "--experts", "2,3", "--batch", "2", "--tokens", "5", "--dim", "16",
                      "--hidden", "8", "--warmup", "1", "--repeat", "2", "--threads", "1"])
@@ -25,7 +25,7 @@ def test_quick_run_prints_all_five_layers_with_finite_numbers(capsys):
     for experts in ("2", "3"):
         group = [r for r in rows if r[0] == experts]
         names = [" ".join(r[1:3]) for r in group]
-        assert names == ["dense MLP", "MoE linear", "MoE cosine", "DS linear", "masked loop"], out
+        assert names == ["dense MLP", "MoE linear", "MoE cosine", "DS linear", "masked loop", "ViT MLP"], out
         for r in group:
             ms, ratio, best, mib, mem_ratio = (float(r[3]), float(r[5].rstrip("x")), float(r[6].rstrip("x")),
                                                float(r[7]), float(r[8].rstrip("x")))
@@ -34,3 +34,4 @@ def test_quick_run_prints_all_five_layers_with_finite_numbers(capsys):
         assert group[0][5] == group[0][6] == "1.00x"               # the dense MLP is the peer
         assert {r[-1] for r in group[1:3]} <= {"PASS", "MISS"}     # both MoEs judged against the targets
     assert "target (MoE linear <= 1.2x, MoE cosine <= 1.3x dense MLP on cpu fp32" in out and "on best times" in out
+    assert "2 experts vs the ViT MLP an FRM block replaces (GPU target <= 1.0x): MoE linear " in out

@@ -131,7 +131,7 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
                             "(mining and BNNeck over all ranks), so the data order differs from the run it "
                             "continues", ckpt_dir / found)
 
-    tracker = _start_tracking(config, info, manifest, ds_config, state.get("run_id"))
+    tracker = start_tracking(config, info, manifest, ds_config, state.get("run_id"))
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -437,11 +437,6 @@ def _save(engine, ckpt_dir, state, info) -> str:
             # every rank at once; rank 0 logged the one-line reason (a full disk: where, how much, --resume)
             raise SystemExit(1) from None
     return tag
-
-
-def _start_tracking(config, info, manifest, ds_config, run_id):
-    """Rank 0 opens (or, on resume, reopens) the MLflow run; other ranks get a tracker that does nothing."""
-    return start_tracking(config, info, manifest, ds_config, run_id)
 
 
 def _log_start(config, info, plan, manifest, model):

@@ -20,6 +20,9 @@ manifest.json keys:
     dataset           "rgbnt201" | "rgbnt100" | "msvr310"
     modalities        ["rgb", "nir", "tir"]: member names, in model order
     image_size        [H, W] the model input size of this dataset
+    protocol          the reader's Protocol (raw/record.py): max_cameras, max_id, side_by_side, match_by
+                      ("camids" | "sceneids": what the gallery filter matches), evaluates_missing; version 1
+                      manifests lack it: manifest_protocol() falls back to the reader's
     num_cameras       max camid + 1 over all splits (size of the camera embedding)
     num_scenes        number of distinct scene ids (0 where the dataset has none)
     num_classes       training labels are 0..num_classes-1 (the classifier size); equals
@@ -37,6 +40,7 @@ written under a hidden temporary name in DIR and renamed when complete; the mani
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -50,10 +54,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from mfrnet_ds.raw import MODALITIES, SIDE_BY_SIDE, SPLITS, Problem, Record, read_raw
+from mfrnet_ds.raw import MODALITIES, PROTOCOLS, SPLITS, Problem, Protocol, Record, read_raw
 
 FORMAT = "mfrnet-ds-shards"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 DEFAULT_MAXCOUNT = 256
 IDENTITY_ORDER_SEED = 0
 _EXT = {"JPEG": "jpg", "PNG": "png"}
@@ -250,7 +254,7 @@ def build(dataset: str, root, out, *, maxcount: int = DEFAULT_MAXCOUNT, workers:
         for i, shard in enumerate(planned):
             name = f"{group}-{i:06d}.tar"
             group_of[name] = group
-            jobs.append(_ShardJob(str(raw.root), str(out), name, tuple(shard), dataset in SIDE_BY_SIDE,
+            jobs.append(_ShardJob(str(raw.root), str(out), name, tuple(shard), raw.protocol.side_by_side,
                                   group == "train", on_error == "fail"))
     results = _run_jobs(jobs, workers, progress)
 
@@ -323,6 +327,7 @@ def _manifest(raw, results: list[_ShardResult], group_of: dict[str, str], proble
         "dataset": raw.name,
         "modalities": list(MODALITIES),
         "image_size": list(raw.image_size),
+        "protocol": {**dataclasses.asdict(raw.protocol), "image_size": list(raw.image_size)},   # JSON: a list
         "num_cameras": max((r.camid for r in all_records), default=-1) + 1,
         "num_scenes": len({r.sceneid for r in all_records if r.sceneid >= 0}),
         "num_classes": max((r.label for r in raw.records("train")), default=-1) + 1,
@@ -342,3 +347,11 @@ def _wids_index(dataset: str, split: str, group: str, results: list[_ShardResult
             for r in results if group_of[r.name] == group
         ],
     }
+
+
+def manifest_protocol(manifest: dict) -> Protocol:
+    """The dataset protocol a shard set was built with (older manifests: its reader's current one)."""
+    saved = manifest.get("protocol")
+    if saved is None:
+        return PROTOCOLS[manifest["dataset"]]
+    return Protocol(**{**saved, "image_size": tuple(saved["image_size"])})

@@ -25,13 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from mfrnet_ds.raw import PROTOCOLS
 from mfrnet_ds.shards import SYNTHETIC_MARKER
 
-LAYOUTS = ("rgbnt201", "rgbnt100", "msvr310")
-# (height, width) of one modality, the datasets' native sizes.
-SIZES = {"rgbnt201": (256, 128), "rgbnt100": (128, 256), "msvr310": (128, 256)}
-MAX_CAMS = {"rgbnt201": 9, "rgbnt100": 8, "msvr310": 8}
-MAX_PID = {"rgbnt201": 999_999, "rgbnt100": 600, "msvr310": 9_999}
+LAYOUTS = ("rgbnt201", "rgbnt100", "msvr310")   # the layouts _name/_folder/_write below can write
 JPEG_QUALITY = 90
 
 
@@ -250,15 +247,17 @@ def make_tree(layout: str, out, *, ids: int = 24, cams: int = 4, per_cam: int = 
     n_test = ids // 2 if test_ids is None else test_ids
     if not 1 <= n_test < ids:
         raise ValueError(f"ids={ids}, test_ids={n_test}: need at least one train and one test identity")
-    if not 1 <= cams <= MAX_CAMS[layout]:
-        raise ValueError(f"cams={cams}: {layout} names hold cameras 1..{MAX_CAMS[layout]}")
-    if ids > MAX_PID[layout] or per_cam < 1:
-        raise ValueError(f"ids={ids}, per_cam={per_cam}: {layout} allows ids up to {MAX_PID[layout]}, per_cam >= 1")
+    protocol = PROTOCOLS[layout]
+    if not 1 <= cams <= protocol.max_cameras:
+        raise ValueError(f"cams={cams}: {layout} names hold cameras 1..{protocol.max_cameras}")
+    if ids > protocol.max_id or per_cam < 1:
+        raise ValueError(f"ids={ids}, per_cam={per_cam}: {layout} allows ids up to {protocol.max_id}, per_cam >= 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # shards.build copies this into the manifest ("synthetic": true), so tracking can tell fake from real
     (out / SYNTHETIC_MARKER).write_text(f"synthetic {layout} tree from mfrnet_ds.synth (seed {seed})\n")
-    size, vehicle = SIZES[layout], layout != "rgbnt201"
+    size = protocol.image_size
+    vehicle = size[1] > size[0]   # the vehicle datasets' crops are wider than tall, the persons' taller
     # Scene folders exist even when a split ends up empty, as in the real trees.
     for split in ("train", "query", "gallery"):
         folder = out / _folder(layout, split)

@@ -19,7 +19,7 @@ from mfrnet_ds.config import UserError
 from mfrnet_ds.eval.embed import DamagedSplitError, evaluate, extract, format_table, same_shards, score
 from mfrnet_ds.eval.health import embedding_health
 from mfrnet_ds.eval.pixel import pixel_baseline
-from mfrnet_ds.shards import build
+from mfrnet_ds.shards import build, manifest_protocol
 from mfrnet_ds.stream.pipeline import eval_loader, read_manifest
 from mfrnet_ds.synth import make_tree
 
@@ -269,7 +269,7 @@ def test_same_shards_for_query_and_gallery_count_one_split(person_shards_small, 
     lost = positions(person_shards_small, "query", {bad})
     keep = torch.tensor([i not in lost for i in range(24)])
     subset = {k: v[keep] for k, v in full.items() if k != "damaged"}
-    want = {**score(subset, subset, manifest["dataset"]), **embedding_health(subset, subset, True)}
+    want = {**score(subset, subset, manifest_protocol(manifest).match_by), **embedding_health(subset, subset, True)}
     assert {k: v for k, v in got.items() if not k.startswith("damaged_")} == pytest.approx(want, abs=1e-6)
 
     corrupt(damaged / "query-000002.tar", 0, modality="rgb")   # 2 of 24: 8.3%

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mfrnet_ds.eval.embed import format_table, same_shards, score
 from mfrnet_ds.eval.health import collapse_warning, embedding_health
 from mfrnet_ds.eval.pixel import pixel_baseline
+from mfrnet_ds.shards import manifest_protocol
 from mfrnet_ds.stream.pipeline import eval_loader, read_manifest
 
 
@@ -72,7 +73,7 @@ def test_pixel_baseline_scores_flattened_images_and_is_cached(person_shards, tmp
     keep = data.pop("valid")
     query = {k: v[keep] for k, v in data.items()}
     assert same_shards(manifest)
-    assert got == pytest.approx(score(query, query, manifest["dataset"]))
+    assert got == pytest.approx(score(query, query, manifest_protocol(manifest).match_by))
     assert all(math.isfinite(v) for v in got.values())
     cache.write_text(json.dumps({"mAP": 1.0, "R1": 2.0, "R5": 3.0, "R10": 4.0}))   # read back, not recomputed
     assert pixel_baseline(shards, manifest, (64, 32))["R10"] == 4.0

@@ -5,6 +5,7 @@ import torch
 from mfrnet_ds.eval import embed
 from mfrnet_ds.eval.metrics import evaluate_rank
 from mfrnet_ds.eval.rerank import _nearest, k_reciprocal
+from mfrnet_ds.raw import PROTOCOLS
 
 
 def fixed_case(name):
@@ -133,13 +134,13 @@ def test_score_re_ranking_keeps_the_protocol(dataset):
               "sceneids": torch.from_numpy(rng.integers(0, 2, len(q_pids)))}
     g_side = {"embedding": gallery, "pids": g_pids, "camids": torch.from_numpy(rng.integers(0, 3, len(g_pids))),
               "sceneids": torch.from_numpy(rng.integers(0, 2, len(g_pids)))}
-    slot = "sceneids" if dataset == "msvr310" else "camids"
+    slot = PROTOCOLS[dataset].match_by
     # score() re-ranks with the reference evaluator's k1=50, k2=15, lambda=0.3
     reranked = k_reciprocal(query, gallery, k1=50, k2=15, lam=0.3)
     cmc, mAP = evaluate_rank(reranked, q_pids, g_pids, q_side[slot], g_side[slot])
-    got = embed.score(q_side, g_side, dataset, re_ranking=True)
+    got = embed.score(q_side, g_side, slot, re_ranking=True)
     assert got == pytest.approx({"mAP": 100 * mAP, "R1": 100 * cmc[0], "R5": 100 * cmc[4], "R10": 100 * cmc[9]})
-    assert got["mAP"] > embed.score(q_side, g_side, dataset)["mAP"]
+    assert got["mAP"] > embed.score(q_side, g_side, slot)["mAP"]
 
 
 def test_evaluate_settings_passes_re_ranking_to_every_setting(monkeypatch):

@@ -26,6 +26,7 @@ from mfrnet_ds.eval.embed import evaluate_settings, format_table
 from mfrnet_ds.eval.health import collapse_warning
 from mfrnet_ds.eval.pixel import pixel_baseline
 from mfrnet_ds.model import MISSING_SETTINGS, build_model
+from mfrnet_ds.shards import manifest_protocol
 from mfrnet_ds.stream.pipeline import read_manifest, train_loader
 from mfrnet_ds.tracking.start import start_tracking
 from mfrnet_ds.tracking.finish import finalize_run
@@ -386,7 +387,8 @@ def _log_step(engine, parts, state, window, info, tracker, bar, out_dir: Path):
 
 def _evaluate(engine, config, manifest, eval_kw, state, tracker, info, ckpt_dir, missing_too, keep_best=True,
               steps_per_epoch=1):
-    settings = [""] + (list(MISSING_SETTINGS) if missing_too and manifest["dataset"] == "rgbnt201" else [])
+    settings = [""] + (list(MISSING_SETTINGS) if missing_too and manifest_protocol(manifest).evaluates_missing
+                           else [])
     # A split damaged beyond data.max_damaged_share raises DamagedSplitError on every rank: the run stops.
     results = evaluate_settings(engine, config.data.shards, manifest, settings,
                                 **{"max_damaged_share": config.data.max_damaged_share, **eval_kw})

@@ -21,10 +21,8 @@ from mfrnet_ds.config import UserError
 from mfrnet_ds.eval.health import embedding_health
 from mfrnet_ds.eval.metrics import evaluate_rank
 from mfrnet_ds.eval.rerank import k_reciprocal
+from mfrnet_ds.shards import manifest_protocol
 from mfrnet_ds.stream.pipeline import eval_loader
-
-# Datasets whose protocol filters gallery entries by scene instead of camera (DATASETS.md).
-SCENE_PROTOCOL = {"msvr310"}
 
 
 class DamagedSplitError(UserError, ValueError):
@@ -115,8 +113,10 @@ def _gather_to_rank0(local: dict[str, torch.Tensor], rank: int, world_size: int)
     return {k: torch.cat([o[k] for o in out]) for k in local}
 
 
-def score(query: dict, gallery: dict, dataset: str, *, re_ranking: bool = False) -> dict[str, float]:
-    """mAP and CMC (percent) with the dataset's protocol; squared Euclidean on L2-normalised embeddings,
+def score(query: dict, gallery: dict, match_by: str = "camids", *, re_ranking: bool = False) -> dict[str, float]:
+    """mAP and CMC (percent) with the dataset's protocol: a gallery entry with the query's id and the same
+    `match_by` id ("camids" or "sceneids", the manifest's protocol) is left out of its ranking. Distances:
+    squared Euclidean on L2-normalised embeddings,
     or with `re_ranking` those distances k-reciprocally re-ranked (eval/rerank.py) with the reference's
     evaluator settings k1=50, k2=15, lambda=0.3 (the paper's 20/6 is commented out there); needs
     query + gallery > 50 samples and (query + gallery)^2 float32 of memory."""
@@ -125,9 +125,8 @@ def score(query: dict, gallery: dict, dataset: str, *, re_ranking: bool = False)
         distmat = k_reciprocal(q, g, k1=50, k2=15, lam=0.3)
     else:
         distmat = (2 - 2 * q @ g.t()).clamp_min(0).numpy().astype(np.float64)
-    slot = "sceneids" if dataset in SCENE_PROTOCOL else "camids"
     cmc, mAP = evaluate_rank(distmat, query["pids"].numpy(), gallery["pids"].numpy(),
-                             query[slot].numpy(), gallery[slot].numpy(), max_rank=min(50, len(g)))
+                             query[match_by].numpy(), gallery[match_by].numpy(), max_rank=min(50, len(g)))
     cmc = list(cmc) + [cmc[-1]] * max(0, 10 - len(cmc))
     return {"mAP": 100 * float(mAP), "R1": 100 * float(cmc[0]), "R5": 100 * float(cmc[4]),
             "R10": 100 * float(cmc[9])}
@@ -152,7 +151,7 @@ def evaluate(model, shards: str, manifest: dict, *, img_size, batch_size: int, r
     gallery = query if same else extract(model, shards, "gallery", **kw)
     if rank != 0:
         return None
-    return {**score(query, gallery, manifest["dataset"], re_ranking=re_ranking),
+    return {**score(query, gallery, manifest_protocol(manifest).match_by, re_ranking=re_ranking),
             **embedding_health(query, gallery, same),
             "damaged_query": len(query["damaged"]), "damaged_gallery": len(gallery["damaged"])}
 

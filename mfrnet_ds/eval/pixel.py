@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mfrnet_ds.eval.embed import extract, same_shards, score
+from mfrnet_ds.shards import manifest_protocol
 from mfrnet_ds.stream.source import ShardSource
 
 log = logging.getLogger("mfrnet_ds.eval")
@@ -55,7 +56,7 @@ def pixel_baseline(shards: str | Path, manifest: dict, img_size, *, batch_size: 
               num_workers=num_workers)
     query = extract(PixelEmbedding(), shards, "query", **kw)
     gallery = query if same_shards(manifest) else extract(PixelEmbedding(), shards, "gallery", **kw)
-    result = score(query, gallery, manifest["dataset"])
+    result = score(query, gallery, manifest_protocol(manifest).match_by)
     _COMPUTED[key] = result
     damaged = len(query["damaged"]) + (0 if gallery is query else len(gallery["damaged"]))
     if damaged or cache is None:

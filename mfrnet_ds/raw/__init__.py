@@ -1,18 +1,16 @@
 """Readers of the three raw trees as distributed; each turns a root folder into records.
 
-`READERS[name](root) -> RawDataset`; see DATASETS.md for the layouts and naming rules.
+A dataset is one module here with `NAME`, `PROTOCOL` (raw/record.py: image size, camera and id ranges, side-by-side
+files, what the gallery filter matches, whether missing modalities are evaluated) and `read(root) -> RawDataset`,
+registered below. Its layout and naming rules are in the module's docstring; docs/ARCHITECTURE.md lists the rest
+of what a new dataset needs (a YAML under configs/).
 """
 from mfrnet_ds.raw import msvr310, rgbnt100, rgbnt201
-from mfrnet_ds.raw.record import MODALITIES, SPLITS, LayoutError, Problem, RawDataset, Record
+from mfrnet_ds.raw.record import MODALITIES, SPLITS, LayoutError, Problem, Protocol, RawDataset, Record
 
-READERS = {
-    rgbnt201.NAME: rgbnt201.read,
-    rgbnt100.NAME: rgbnt100.read,
-    msvr310.NAME: msvr310.read,
-}
-
-#: Side-by-side layouts: one file per sample holding all modalities left to right.
-SIDE_BY_SIDE = {rgbnt100.NAME}
+DATASETS = {m.NAME: m for m in (rgbnt201, rgbnt100, msvr310)}
+READERS = {name: m.read for name, m in DATASETS.items()}
+PROTOCOLS: dict[str, Protocol] = {name: m.PROTOCOL for name, m in DATASETS.items()}
 
 
 def read_raw(dataset: str, root) -> RawDataset:
@@ -21,5 +19,5 @@ def read_raw(dataset: str, root) -> RawDataset:
     return READERS[dataset](root)
 
 
-__all__ = ["READERS", "SIDE_BY_SIDE", "MODALITIES", "SPLITS", "LayoutError", "Problem", "RawDataset", "Record",
-           "read_raw"]
+__all__ = ["DATASETS", "READERS", "PROTOCOLS", "MODALITIES", "SPLITS", "LayoutError", "Problem", "Protocol",
+           "RawDataset", "Record", "read_raw"]

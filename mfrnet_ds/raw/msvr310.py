@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mfrnet_ds.raw.record import Problem, RawDataset, Record, list_images, make_key, relabel, require_dirs
+from mfrnet_ds.raw.record import Problem, Protocol, RawDataset, Record, list_images, make_key, relabel, require_dirs
 
 NAME = "msvr310"
 IMAGE_SIZE = (128, 256)
+PROTOCOL = Protocol(image_size=IMAGE_SIZE, max_cameras=8, max_id=9_999, match_by="sceneids")
 FOLDERS = {"train": "bounding_box_train", "query": "query3", "gallery": "bounding_box_test"}
 MODALITY_DIRS = ("vis", "ni", "th")
 
@@ -77,7 +78,7 @@ def read(root: Path) -> RawDataset:
     return RawDataset(
         name=NAME,
         root=root,
-        image_size=IMAGE_SIZE,
+        protocol=PROTOCOL,
         groups=groups,
         splits={s: s for s in FOLDERS},
         problems=problems,

@@ -41,6 +41,21 @@ class Problem:
     reason: str
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """What the builder, trainer and evaluator must know about a dataset beyond its records: declared once by
+    its reader (`PROTOCOL`) and written into manifest.json, so nothing downstream tests a dataset's name."""
+
+    image_size: tuple[int, int]      # (H, W) of one modality, the native size the model is configured for
+    max_cameras: int                 # camera ids 0..max_cameras-1 fit the naming rule
+    max_id: int                      # the largest identity id the naming rule holds
+    side_by_side: bool = False       # one file holds all modalities left to right (the builder cuts it)
+    # which id, besides the identity, takes a gallery entry out of a query's ranking: "camids" (same camera,
+    # Market-1501 style) or "sceneids" (same scene, MSVR310)
+    match_by: str = "camids"
+    evaluates_missing: bool = False  # its published protocol reports the missing-modality settings too
+
+
 @dataclass
 class RawDataset:
     """A raw tree read into records.
@@ -51,11 +66,15 @@ class RawDataset:
 
     name: str
     root: Path
-    image_size: tuple[int, int]
+    protocol: Protocol
     groups: dict[str, list[Record]]
     splits: dict[str, str]
     problems: list[Problem] = field(default_factory=list)
     junk: int = 0
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.protocol.image_size
 
     def records(self, split: str) -> list[Record]:
         return self.groups[self.splits[split]]

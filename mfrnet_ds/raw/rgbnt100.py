@@ -14,10 +14,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mfrnet_ds.raw.record import Problem, RawDataset, Record, list_images, make_key, relabel, require_dirs
+from mfrnet_ds.raw.record import Problem, Protocol, RawDataset, Record, list_images, make_key, relabel, require_dirs
 
 NAME = "rgbnt100"
 IMAGE_SIZE = (128, 256)
+PROTOCOL = Protocol(image_size=IMAGE_SIZE, max_cameras=8, max_id=600, side_by_side=True)
 FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 _PATTERN = re.compile(r"([-\d]+)_c([-\d]+)")
 JUNK_PID = -1
@@ -72,7 +73,7 @@ def read(root: Path) -> RawDataset:
     return RawDataset(
         name=NAME,
         root=root,
-        image_size=IMAGE_SIZE,
+        protocol=PROTOCOL,
         groups=groups,
         splits={s: s for s in FOLDERS},
         problems=problems,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mfrnet_ds.raw.record import Problem, RawDataset, Record, list_images, make_key, relabel, require_dirs
+from mfrnet_ds.raw.record import Problem, Protocol, RawDataset, Record, list_images, make_key, relabel, require_dirs
 
 NAME = "rgbnt201"
 IMAGE_SIZE = (256, 128)
+PROTOCOL = Protocol(image_size=IMAGE_SIZE, max_cameras=9, max_id=999_999, evaluates_missing=True)
 FOLDERS = {"train": "train_171", "test": "test"}
 MODALITY_DIRS = ("RGB", "NI", "TI")
 
@@ -71,7 +72,7 @@ def read(root: Path) -> RawDataset:
     return RawDataset(
         name=NAME,
         root=root,
-        image_size=IMAGE_SIZE,
+        protocol=PROTOCOL,
         groups={"train": train, "query": test},
         splits={"train": "train", "query": "query", "gallery": "query"},
         problems=problems,

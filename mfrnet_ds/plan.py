@@ -36,15 +36,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import math
 import sys
-from dataclasses import dataclass
-
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from mfrnet_ds.config import Config, ConfigError, derive_batch, load_config
+from mfrnet_ds.costs import (activation_bytes, capacity, forward_flops, meta_model, moe_facts, peer_fractions,
+                              width_of)
 
 GB = 1e9
 # Triplets per second one loader worker decodes and augments at 256x128 (uint8 out), measured with
@@ -58,151 +55,6 @@ def loader_workers(demand: float, rate: float) -> dict:
     return {"demand": demand, "rate": rate, "workers": math.ceil(demand / rate) + 1}
 
 
-def _cpu_flash_sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
-    # torch's counter knows the CUDA attention kernels only; the CPU one does the same two matmuls
-    b, h, sq, d = q
-    return 2 * b * h * sq * k[-2] * (d + v[-1])
-
-
-_FLOP_EXTRA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops}
-
-
-@dataclass(frozen=True)
-class MoEFacts:
-    name: str
-    num_experts: int
-    ep_size: int
-    top_k: int
-    capacity_factor: float
-    min_capacity: int
-    drop_tokens: bool
-    hidden: int              # expert hidden width
-    params_per_expert: int
-    router_proj: int         # cosine router's projection width; 0 for the linear gate
-
-
-def _meta_model(config: Config):
-    from mfrnet_ds.model.mfrnet import MFRNet
-    with torch.device("meta"):
-        return MFRNet(config.model)
-
-
-def _moe_facts(model) -> list[MoEFacts]:
-    facts = []
-    for layer in model.moe_layers:
-        expert = layer.local_experts[0]
-        cfg = layer.router
-        proj = getattr(cfg, "proj", None)
-        facts.append(MoEFacts(layer.name, layer.num_experts, layer.ep_size, cfg.k, cfg.capacity_factor,
-                              cfg.min_capacity, cfg.drop_tokens, expert.fc1.out_features,
-                              sum(p.numel() for p in expert.parameters()), proj.out_features if proj else 0))
-    return facts
-
-
-def capacity(moe: MoEFacts, tokens: int) -> int:
-    """Slots per expert for `tokens` tokens, as DeepSpeed's top-k gates size them."""
-    k = moe.top_k if moe.drop_tokens else 1   # no dropping: the buffer fits the fullest expert; balanced here
-    cf = moe.capacity_factor if moe.drop_tokens else 1.0
-    return max(math.ceil(tokens / moe.num_experts * cf * k), moe.min_capacity)
-
-
-def forward_flops(config: Config, facts: list[MoEFacts], micro: int, tokens_per_image: int) -> dict:
-    """Forward FLOPs of one micro batch on one GPU: dense part + padded expert buffers + routers."""
-    from mfrnet_ds.model.moe import SparseMoE
-    one = copy.deepcopy(config)
-    for moe in (one.model.ffm, one.model.frm):
-        moe.num_experts, moe.ep_size, moe.top_k, moe.capacity_factor, moe.min_capacity = 1, 1, 1, 1.0, 0
-    model = _meta_model(one).to_empty(device="cpu").eval()
-    for t in [*model.parameters(), *model.buffers()]:
-        t.detach().zero_()        # values do not change FLOPs; zeros keep the forward finite
-    H, W = config.model.img_size
-    with FlopCounterMode(display=False, custom_mapping=_FLOP_EXTRA) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, 3, H, W), torch.zeros(1, dtype=torch.long))
-    per_module = counter.get_flop_counts()     # "MFRNet.<module path>" -> {op: flops}
-    one_expert = {m.name: sum(per_module[f"{type(model).__name__}.{prefix}.moe.deepspeed_moe.experts."
-                                         f"deepspeed_experts.0"].values())
-                  for prefix, m in model.named_modules() if isinstance(m, SparseMoE)}
-    tokens_1 = 3 * tokens_per_image                      # one sample: three images
-    tokens = micro * tokens_1
-    experts = routers = 0.0
-    for moe in facts:
-        per_slot = one_expert[moe.name] / tokens_1      # E=1, cf=1, no minimum: one slot per token
-        experts += per_slot * moe.num_experts * capacity(moe, tokens)
-        routers += _router_flops(config, moe, tokens_1) * micro
-    dense = (counter.get_total_flops() - sum(one_expert.values())) * micro
-    return {"dense": dense, "experts": experts, "routers": routers, "total": dense + experts + routers}
-
-
-def _router_flops(config: Config, moe: MoEFacts, tokens: int) -> float:
-    """Extra router FLOPs at the real expert count over the one-expert copy that was counted."""
-    from mfrnet_ds.model.moe import ROUTERS
-    src = config.model.ffm if moe.name.startswith("ffm") else config.model.frm
-    width = _width(config)
-    out = []
-    for experts in (moe.num_experts, 1):
-        cfg = dataclasses.replace(src, num_experts=experts, top_k=1, ep_size=1)
-        router = ROUTERS[src.router](width, cfg)
-        with FlopCounterMode(display=False) as c, torch.no_grad():
-            router.logits(torch.zeros(tokens, width))
-        out.append(c.get_total_flops())
-    return out[0] - out[1]
-
-
-def _width(config: Config) -> int:
-    from mfrnet_ds.model.presets import PRESETS
-    return PRESETS[config.model.preset].width
-
-
-def activation_bytes(config: Config, facts: list[MoEFacts], micro: int, tokens_per_image: int, b: int) -> dict:
-    """Tensors autograd keeps for backward, per component, at `micro` samples (3 images each).
-
-    Per token of a ViT block (width D, MLP 4D, h heads): ln_1 input, qkv input, q/k/v, attention output and
-    its reshaped copy, ln_2 input (D each: 8D) + the attention's log-sum-exp (4h bytes) + LayerNorm
-    statistics; MLP: fc1 input (D) and fc1 output, QuickGELU's sigmoid, fc2 input (3 x 4D).
-    A MoE layer instead of the MLP: router input in fp32 (4D bytes), gate softmax and int64 one-hot
-    (12E bytes), the cosine router's projection and normalised query (2 x 4P bytes); per slot of the
-    dispatch buffer (E x capacity of them): expert input (D) and hidden (H) plus the dropout mask (H bytes);
-    per token the gathered expert output (k x D) kept for the gate multiply. The FFM's fused mix keeps each
-    generator's output (D). Plus the input images and ln_pre / final-norm inputs. Fused attention assumed:
-    no T x T matrix is kept (timm uses scaled_dot_product_attention).
-    """
-    from mfrnet_ds.model.presets import PRESETS
-    p = PRESETS[config.model.preset]
-    D, h, depth = p.width, p.heads, p.depth
-    n = 3 * micro * tokens_per_image                     # tokens of the micro batch
-    attention = n * (8 * D * b + 4 * h + 4 * 4)          # + mean/rstd of two LayerNorms
-    mlp = n * (D + 3 * 4 * D) * b
-
-    def moe_bytes(moe: MoEFacts, keep_output: bool) -> float:
-        slots = moe.num_experts * capacity(moe, n)
-        router = n * (4 * D + 12 * moe.num_experts + 2 * 4 * moe.router_proj)
-        experts = slots * ((D + moe.hidden) * b + moe.hidden)
-        combine = n * moe.top_k * D * b + (n * D * b if keep_output else 0)
-        return router + experts + combine
-
-    frm = {f.name for f in facts if f.name.startswith("frm.")}
-    out = {
-        "embedding": 3 * micro * 3 * config.model.img_size[0] * config.model.img_size[1] * b + 2 * n * D * b,
-        "FFM": sum(moe_bytes(f, keep_output=True) for f in facts if f.name.startswith("ffm.")),
-        "dense blocks": (depth - len(frm)) * (attention + mlp),
-        "FRM blocks": len(frm) * attention + sum(moe_bytes(f, False) for f in facts if f.name in frm),
-    }
-    out["total"] = sum(out.values())
-    return out
-
-
-def _fractions(world: int, gpus_per_node: int, group_of) -> tuple[float, float]:
-    """Mean over ranks of the share of an all-to-all's peers (self included in the count) on the same
-    node (other GPUs) and on other nodes."""
-    intra = inter = 0.0
-    for r in range(world):
-        group = group_of(r)
-        same = sum(1 for q in group if q // gpus_per_node == r // gpus_per_node)
-        intra += (same - 1) / len(group)
-        inter += (len(group) - same) / len(group)
-    return intra / world, inter / world
-
-
 def plan(config: Config, nodes: int, gpus_per_node: int, *, link_gbps: float = 400.0,
          intra_node_gbps: float = 3600.0, gpu_tflops: float = 989.0, gpu_mem_gb: float = 80.0,
          micro_batch: int | None = None, zero_stage: int | None = None, mfu: float = 0.4,
@@ -213,30 +65,12 @@ def plan(config: Config, nodes: int, gpus_per_node: int, *, link_gbps: float = 4
     Raises ConfigError for combinations training would refuse (ep_size not dividing the world, batch
     not splitting, ZeRO-3 with MoE).
     """
-    if nodes < 1 or gpus_per_node < 1:
-        raise ConfigError(f"nodes={nodes}, gpus_per_node={gpus_per_node}: expected >= 1 each")
-    for name, value in (("link_gbps", link_gbps), ("intra_node_gbps", intra_node_gbps),
-                        ("gpu_tflops", gpu_tflops), ("gpu_mem_gb", gpu_mem_gb)):
-        if value <= 0:
-            raise ConfigError(f"{name}={value}: expected > 0")
-    if not 0 < mfu <= 1:
-        raise ConfigError(f"mfu={mfu}: expected a fraction in (0, 1]")
-    if loader_rate <= 0:
-        raise ConfigError(f"loader_rate={loader_rate}: expected > 0 (triplets/s one loader worker makes)")
-    world = nodes * gpus_per_node
-    config = copy.deepcopy(config)
-    if micro_batch is not None:
-        config.train.micro_batch, config.train.grad_accum = micro_batch, None
-    for name, moe in (("model.ffm", config.model.ffm), ("model.frm", config.model.frm)):
-        if world % moe.ep_size:
-            raise ConfigError(f"{name}.ep_size={moe.ep_size} does not divide nodes x gpus_per_node = "
-                              f"{nodes} x {gpus_per_node} = {world}: expert-parallel groups must tile the world")
-    if ds_config is None:
-        from mfrnet_ds.engine.dist import deepspeed_config
-        ds_config = deepspeed_config(config, world)     # the trainer's reader: same checks, same errors
-    else:
-        from mfrnet_ds.config import check
-        check(config, world)
+    cluster = {"nodes": nodes, "gpus_per_node": gpus_per_node, "world": nodes * gpus_per_node,
+               "link_gbps": link_gbps, "intra_node_gbps": intra_node_gbps, "gpu_tflops": gpu_tflops,
+               "gpu_mem_gb": gpu_mem_gb, "mfu": mfu}
+    _check_cluster(cluster, loader_rate)
+    world = cluster["world"]
+    config, ds_config = _fitted(config, cluster, micro_batch, ds_config)
     micro, accum = derive_batch(config, world)
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", 0) if zero_stage is None else zero_stage
@@ -245,16 +79,90 @@ def plan(config: Config, nodes: int, gpus_per_node: int, *, link_gbps: float = 4
     mixed = any(ds_config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
     b = 2 if mixed else 4
 
-    model = _meta_model(config)
-    facts = _moe_facts(model)
+    model = meta_model(config)
+    facts = moe_facts(model)
     expert_local = {f.name: f.params_per_expert * f.num_experts // f.ep_size for f in facts}
-    total = sum(p.numel() for p in model.parameters())
-    experts_per_gpu = sum(expert_local.values())
-    dense = total - experts_per_gpu
+    per_gpu = sum(p.numel() for p in model.parameters())
+    dense = per_gpu - sum(expert_local.values())
     tokens_per_image = (config.model.img_size[0] // 16) * (config.model.img_size[1] // 16) + 1
     tokens = 3 * micro * tokens_per_image
 
-    # --- memory ---
+    memory = _memory(facts, dense, expert_local, world, stage, zero, b, mixed)
+    acts = activation_bytes(config, facts, micro, tokens_per_image, b)
+    memory["activations"] = acts["total"]
+    memory["total"] = sum(memory.values())
+    fwd = forward_flops(config, facts, micro, tokens_per_image)
+    step_flops = 3 * fwd["total"] * accum
+    compute_s = step_flops / (gpu_tflops * 1e12 * mfu)
+    a2a = _all_to_all(config, facts, cluster, tokens, accum, b)
+    a2a_s = sum(a["time_s"] for a in a2a)
+    groups = [(dense, list(range(world)))] + [
+        (expert_local[f.name], list(range(0, world, f.ep_size))) for f in facts]
+    backward_s = compute_s * 2 / 3 / accum          # one micro step's backward, for overlap
+    grad_exposed = _grad_sync_exposed(groups, cluster, stage, bool(zero.get("overlap_comm", False)), accum,
+                                      backward_s, b)
+    step_s = compute_s + a2a_s + grad_exposed
+    return {
+        "cluster": cluster,
+        "model": {"preset": config.model.preset, "img_size": tuple(config.model.img_size),
+                  "tokens_per_image": tokens_per_image},
+        "batch": {"global": config.train.global_batch, "micro": micro, "grad_accum": accum,
+                  "tokens_per_micro": tokens},
+        "zero_stage": stage, "dtype_bytes": b,
+        "params": _params(facts, dense, per_gpu, world),
+        "memory_bytes": memory, "activation_bytes": acts,
+        "flops": {"forward_per_micro": fwd, "step_per_gpu": step_flops},
+        "all_to_all": a2a,
+        "time_s": {"compute": compute_s, "all_to_all": a2a_s, "grad_sync_exposed": grad_exposed, "step": step_s},
+        "samples_per_s": config.train.global_batch / step_s,
+        "loader": loader_workers(config.train.global_batch / step_s / world, loader_rate),
+        "warnings": _warnings(memory, gpu_mem_gb, a2a_s, step_s, facts),
+    }
+
+
+def _params(facts, dense: int, per_gpu: int, world: int) -> dict:
+    return {"total_model": dense + sum(f.params_per_expert * f.num_experts for f in facts),
+            "dense": dense, "experts_per_gpu": per_gpu - dense, "per_gpu": per_gpu,
+            "layers": [{"layer": f.name, "num_experts": f.num_experts, "ep_size": f.ep_size,
+                        "experts_per_gpu": f.num_experts // f.ep_size, "params_per_expert": f.params_per_expert,
+                        "expert_data_parallel": world // f.ep_size} for f in facts]}
+
+
+def _check_cluster(cluster: dict, loader_rate: float) -> None:
+    if cluster["nodes"] < 1 or cluster["gpus_per_node"] < 1:
+        raise ConfigError(f"nodes={cluster['nodes']}, gpus_per_node={cluster['gpus_per_node']}: expected >= 1 each")
+    for name in ("link_gbps", "intra_node_gbps", "gpu_tflops", "gpu_mem_gb"):
+        if cluster[name] <= 0:
+            raise ConfigError(f"{name}={cluster[name]}: expected > 0")
+    if not 0 < cluster["mfu"] <= 1:
+        raise ConfigError(f"mfu={cluster['mfu']}: expected a fraction in (0, 1]")
+    if loader_rate <= 0:
+        raise ConfigError(f"loader_rate={loader_rate}: expected > 0 (triplets/s one loader worker makes)")
+
+
+def _fitted(config: Config, cluster: dict, micro_batch: int | None, ds_config: dict | None) -> tuple[Config, dict]:
+    """The config with the plan's micro batch, checked for this world as training checks it, and its DeepSpeed
+    JSON (read as training reads it when not given)."""
+    world = cluster["world"]
+    config = copy.deepcopy(config)
+    if micro_batch is not None:
+        config.train.micro_batch, config.train.grad_accum = micro_batch, None
+    for name, moe in (("model.ffm", config.model.ffm), ("model.frm", config.model.frm)):
+        if world % moe.ep_size:
+            raise ConfigError(f"{name}.ep_size={moe.ep_size} does not divide nodes x gpus_per_node = "
+                              f"{cluster['nodes']} x {cluster['gpus_per_node']} = {world}: "
+                              f"expert-parallel groups must tile the world")
+    if ds_config is None:
+        from mfrnet_ds.engine.dist import deepspeed_config
+        ds_config = deepspeed_config(config, world)     # the trainer's reader: same checks, same errors
+    else:
+        from mfrnet_ds.config import check
+        check(config, world)
+    return config, ds_config
+
+
+def _memory(facts, dense: int, expert_local: dict, world: int, stage: int, zero: dict, b: int, mixed: bool) -> dict:
+    """Weights, gradients, optimizer states and gradient buckets per GPU (bytes; module docstring)."""
     def state_bytes(n_params: float, group: int) -> dict:
         grads = {0: b, 1: b + 4 / group, 2: 4 / group}[stage] * n_params
         optim = ((12 if mixed else 8) if stage == 0 else 12 / group) * n_params
@@ -267,81 +175,57 @@ def plan(config: Config, nodes: int, gpus_per_node: int, *, link_gbps: float = 4
     if stage in (1, 2) and zero.get("contiguous_gradients", True):
         buffers = float(zero.get("reduce_bucket_size", 5e8)) * b * (2 if overlap else 1)
     memory["buffers"] = buffers
-    acts = activation_bytes(config, facts, micro, tokens_per_image, b)
-    memory["activations"] = acts["total"]
-    memory["total"] = sum(memory.values())
+    return memory
 
-    # --- compute ---
-    fwd = forward_flops(config, facts, micro, tokens_per_image)
-    step_flops = 3 * fwd["total"] * accum
-    peak = gpu_tflops * 1e12
-    compute_s = step_flops / (peak * mfu)
-    backward_s = compute_s * 2 / 3 / accum          # one micro step's backward, for overlap
 
-    # --- all-to-all ---
-    inter_bw, intra_bw = link_gbps * 1e9 / 8, intra_node_gbps * 1e9 / 8
-    a2a = []
+def _all_to_all(config: Config, facts, cluster: dict, tokens: int, accum: int, b: int) -> list[dict]:
+    """Per MoE layer: the dispatch buffer and the time of its 4 all-to-alls per micro step (fully exposed)."""
+    inter_bw, intra_bw = cluster["link_gbps"] * 1e9 / 8, cluster["intra_node_gbps"] * 1e9 / 8
+    out = []
     for f in facts:
         cap = capacity(f, tokens)
-        buf = f.num_experts * cap * _width(config) * b if f.ep_size > 1 else 0   # ep_size 1: no all-to-all
-        intra, inter = _fractions(world, gpus_per_node, lambda r, e=f.ep_size: range(r // e * e, r // e * e + e))
+        buf = f.num_experts * cap * width_of(config) * b if f.ep_size > 1 else 0   # ep_size 1: no all-to-all
+        intra, inter = peer_fractions(cluster["world"], cluster["gpus_per_node"],
+                                      lambda r, e=f.ep_size: range(r // e * e, r // e * e + e))
         one = max(buf * intra / intra_bw, buf * inter / inter_bw)
-        a2a.append({"layer": f.name, "ep_size": f.ep_size, "capacity": cap, "buffer_bytes": buf,
+        out.append({"layer": f.name, "ep_size": f.ep_size, "capacity": cap, "buffer_bytes": buf,
                     "bytes_per_step": 4 * accum * buf, "intra_node_fraction": intra, "off_node_fraction": inter,
                     "time_s": 4 * accum * one})
-    a2a_s = sum(a["time_s"] for a in a2a)
+    return out
 
-    # --- gradient synchronisation ---
+
+def _grad_sync_exposed(groups, cluster: dict, stage: int, overlap: bool, accum: int, backward_s: float,
+                       b: int) -> float:
+    """Seconds of gradient synchronisation per step that no backward hides (ring all-reduce per group)."""
+    gpus_per_node = cluster["gpus_per_node"]
+    inter_bw, intra_bw = cluster["link_gbps"] * 1e9 / 8, cluster["intra_node_gbps"] * 1e9 / 8
+
     def sync_s(n_bytes: float, group: list[int]) -> float:
         if len(group) == 1:
             return 0.0
         bw = inter_bw if len({r // gpus_per_node for r in group}) > 1 else intra_bw
         return 2 * (len(group) - 1) / len(group) * n_bytes / bw
 
-    groups = [(dense, list(range(world)))] + [
-        (expert_local[f.name], list(range(0, world, f.ep_size))) for f in facts]
     full = sum(sync_s(n * b, g) for n, g in groups)        # reduce + gather halves
-    if stage == 2:
-        per_micro = full / 2                                # reduce-scatter, every micro step, during its backward
-        exposed_micro = max(0.0, per_micro - backward_s) if overlap else per_micro
-        grad_exposed = accum * exposed_micro + full / 2     # + the all-gather of updated weights
-    else:
-        grad_exposed = full
-    step_s = compute_s + a2a_s + grad_exposed
+    if stage != 2:
+        return full
+    per_micro = full / 2                                    # reduce-scatter, every micro step, during its backward
+    exposed_micro = max(0.0, per_micro - backward_s) if overlap else per_micro
+    return accum * exposed_micro + full / 2                 # + the all-gather of updated weights
 
-    warnings = []
+
+def _warnings(memory: dict, gpu_mem_gb: float, a2a_s: float, step_s: float, facts) -> list[str]:
+    out = []
     if memory["total"] > gpu_mem_gb * GB:
-        warnings.append(f"needs {memory['total'] / GB:.1f} GB per GPU, more than the {gpu_mem_gb:g} GB given: "
-                        f"lower the micro batch (more accumulation), raise ZeRO to 2 or ep_size")
+        out.append(f"needs {memory['total'] / GB:.1f} GB per GPU, more than the {gpu_mem_gb:g} GB given: "
+                   f"lower the micro batch (more accumulation), raise ZeRO to 2 or ep_size")
     if a2a_s > 0.3 * step_s:
-        warnings.append(f"all-to-all is {100 * a2a_s / step_s:.0f}% of the step: keep expert-parallel groups "
-                        f"inside a node or lower the capacity factor")
+        out.append(f"all-to-all is {100 * a2a_s / step_s:.0f}% of the step: keep expert-parallel groups "
+                   f"inside a node or lower the capacity factor")
     if any(not f.drop_tokens for f in facts):
-        warnings.append("drop_tokens is off: buffers are sized for the fullest expert at run time; the plan "
-                        "assumes balanced routing, a lower bound")
-
-    return {
-        "cluster": {"nodes": nodes, "gpus_per_node": gpus_per_node, "world": world, "link_gbps": link_gbps,
-                    "intra_node_gbps": intra_node_gbps, "gpu_tflops": gpu_tflops, "gpu_mem_gb": gpu_mem_gb,
-                    "mfu": mfu},
-        "model": {"preset": config.model.preset, "img_size": tuple(config.model.img_size),
-                  "tokens_per_image": tokens_per_image},
-        "batch": {"global": config.train.global_batch, "micro": micro, "grad_accum": accum,
-                  "tokens_per_micro": tokens},
-        "zero_stage": stage, "dtype_bytes": b,
-        "params": {"total_model": dense + sum(f.params_per_expert * f.num_experts for f in facts),
-                   "dense": dense, "experts_per_gpu": experts_per_gpu, "per_gpu": total,
-                   "layers": [{"layer": f.name, "num_experts": f.num_experts, "ep_size": f.ep_size,
-                               "experts_per_gpu": f.num_experts // f.ep_size, "params_per_expert": f.params_per_expert,
-                               "expert_data_parallel": world // f.ep_size} for f in facts]},
-        "memory_bytes": memory, "activation_bytes": acts,
-        "flops": {"forward_per_micro": fwd, "step_per_gpu": step_flops},
-        "all_to_all": a2a,
-        "time_s": {"compute": compute_s, "all_to_all": a2a_s, "grad_sync_exposed": grad_exposed, "step": step_s},
-        "samples_per_s": config.train.global_batch / step_s,
-        "loader": loader_workers(config.train.global_batch / step_s / world, loader_rate),
-        "warnings": warnings,
-    }
+        out.append("drop_tokens is off: buffers are sized for the fullest expert at run time; the plan "
+                   "assumes balanced routing, a lower bound")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

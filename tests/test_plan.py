@@ -7,7 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mfrnet_ds import ConfigError, build_model, load_config
-from mfrnet_ds.plan import _FLOP_EXTRA, _meta_model, _moe_facts, activation_bytes, format_plan, main, plan
+from mfrnet_ds.costs import FLOP_EXTRA, activation_bytes, meta_model, moe_facts
+from mfrnet_ds.plan import format_plan, main, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.img_size=[64,32]"]          # 4 x 2 patches + CLS = 9 tokens per image
@@ -100,7 +101,7 @@ def test_forward_flops_equal_a_count_on_the_real_model():
     p = plan(c, 1, 2, ds_config=ZERO[2])
     micro = p["batch"]["micro"]
     model = build_model(c).train()  # training routing: capacity factor, dropped tokens
-    with FlopCounterMode(display=False, custom_mapping=_FLOP_EXTRA) as counter, torch.no_grad():
+    with FlopCounterMode(display=False, custom_mapping=FLOP_EXTRA) as counter, torch.no_grad():
         model(torch.zeros(micro, 3, 3, 64, 32), torch.zeros(micro, dtype=torch.long))
     # the forward ends at the head features; the classifier (3P x classes per sample, on the gathered global
     # micro batch) is left out of both
@@ -116,7 +117,7 @@ def test_forward_flops_equal_a_count_on_the_real_model():
 def test_activation_estimate_matches_the_tensors_autograd_saves(overrides, dtype):
     c = load_config(None, ["model.num_classes=5", *overrides])   # 256 x 128: 129 tokens per image
     micro = 2
-    est = activation_bytes(c, _moe_facts(_meta_model(c)), micro, 129, 2 if dtype == torch.bfloat16 else 4)
+    est = activation_bytes(c, moe_facts(meta_model(c)), micro, 129, 2 if dtype == torch.bfloat16 else 4)
     model = build_model(c).train().to(dtype)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}

@@ -277,21 +277,7 @@ def _entries_below_thresholds(dist, lo, hi, t_row, t_col, t_val, t_first, match_
     counts = np.bincount(entry_bin.reshape(-1), minlength=_HISTOGRAM_COPIES * (n_bins + 1))
     counts = counts.reshape(_HISTOGRAM_COPIES, n_bins + 1).sum(axis=0)[:n_bins]
 
-    e_row, e_col = np.divmod(exact, num_g)
-    e_val = dist[e_row, e_col]
-    e_cell = entry_cell.reshape(-1)[exact]
-    left = before_cell[e_cell]  # thresholds of this cell: global indices [left, right)
-    right = left + per_cell[e_cell]
-    while True:  # binary search on (distance, index) among the cell's thresholds
-        active = left < right
-        if not active.any():
-            break
-        mid = (left + right) // 2
-        mid_c = np.where(active, mid, 0)
-        less = (t_val[mid_c] < e_val) | ((t_val[mid_c] == e_val) & (t_col[mid_c] < e_col))
-        left = np.where(active & less, mid + 1, left)
-        right = np.where(active & ~less, mid, right)
-    counts += np.bincount(left + e_row, minlength=n_bins)
+    counts += _exact_bins(dist, exact, entry_cell.reshape(-1)[exact], before_cell, per_cell, t_val, t_col, n_bins)
 
     # counts[bin of (r, p)] = entries with exactly p thresholds of row r before them. Entries before
     # threshold j are those with p <= j, less the threshold itself.
@@ -300,6 +286,25 @@ def _entries_below_thresholds(dist, lo, hi, t_row, t_col, t_val, t_first, match_
     row_base = cum[row_bin0] - counts[row_bin0]
     t_bin = np.arange(t_row.shape[0]) + t_row
     return cum[t_bin] - row_base[t_row] - 1
+
+
+def _exact_bins(dist, exact, e_cell, before_cell, per_cell, t_val, t_col, n_bins: int):
+    """Bin counts of the entries that share a cell with a threshold: each one's position among its cell's
+    thresholds by a vectorised binary search on (distance, index)."""
+    e_row, e_col = np.divmod(exact, dist.shape[1])
+    e_val = dist[e_row, e_col]
+    left = before_cell[e_cell]  # thresholds of this cell: global indices [left, right)
+    right = left + per_cell[e_cell]
+    while True:
+        active = left < right
+        if not active.any():
+            break
+        mid = (left + right) // 2
+        mid_c = np.where(active, mid, 0)
+        less = (t_val[mid_c] < e_val) | ((t_val[mid_c] == e_val) & (t_col[mid_c] < e_col))
+        left = np.where(active & less, mid + 1, left)
+        right = np.where(active & ~less, mid, right)
+    return np.bincount(left + e_row, minlength=n_bins)
 
 
 def _entries_below_by_sort(dist, t_row, t_col):

@@ -217,29 +217,10 @@ def _few(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_pretrained(vit: VisionTransformer, path: str | Path,
-                    activation: str | None = None) -> tuple[list[str], list[str]]:
-    """Load local weights into the backbone, strictly: see the rules in the comment opening this section.
-
-    activation: the configured `model.activation`; None = the one `vit` was built with. Where the file
-    records its activation (OpenAI's TorchScript archive, a checkpoint with its model config or timm
-    architecture) a contradiction is a ValueError; otherwise one info line says which is used.
-    Returns (missing, unexpected) keys as `load_state_dict` reports them (the expected ones only).
-    """
-    path = Path(path)
-    file = read_weights_file(path)
-    a = _adapt(file.state_dict, vit)
-    sd = a.state_dict
-    container = (f"{file.container}" + (", DDP 'module.' prefix stripped" if a.stripped else "")
-                 + f", {len(file.state_dict)} tensors")
-    found = f"{a.layout} keys in a {container}"
-    own = vit.state_dict()
-    bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    if bad:
-        k = bad[0]
-        raise BadFileError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)} "
-                             f"(wrong preset?); {len(bad)} mismatched tensors in all")
-
+def _check_keys(path: Path, vit: VisionTransformer, file, a, found: str, container: str):
+    """(assigned, missing, unexpected) keys of the file against the backbone; BadFileError unless only the FRM
+    experts/routers are missing and only the MLPs they replace (and a CLIP file's non-visual part) are extra."""
+    sd, own = a.state_dict, vit.state_dict()
     frm = [i for i, block in enumerate(vit.blocks) if isinstance(block.mlp, SparseMoE)]
     new = tuple(f"blocks.{i}.mlp." for i in frm)  # experts and routers
     replaced = {f"blocks.{i}.mlp.{fc}.{p}" for i in frm for fc in ("fc1", "fc2") for p in ("weight", "bias")}
@@ -265,6 +246,33 @@ def load_pretrained(vit: VisionTransformer, path: str | Path,
                                                              if bad_unexpected else "")
             + f"; expected every backbone tensor except the FRM experts/routers ({experts}), and nothing "
               f"more than the FRM blocks' MLP" + (" and a CLIP file's non-visual part" if a.clip_prefix else ""))
+    return assigned, missing, unexpected
+
+
+def load_pretrained(vit: VisionTransformer, path: str | Path,
+                    activation: str | None = None) -> tuple[list[str], list[str]]:
+    """Load local weights into the backbone, strictly: see the rules in the comment opening this section.
+
+    activation: the configured `model.activation`; None = the one `vit` was built with. Where the file
+    records its activation (OpenAI's TorchScript archive, a checkpoint with its model config or timm
+    architecture) a contradiction is a ValueError; otherwise one info line says which is used.
+    Returns (missing, unexpected) keys as `load_state_dict` reports them (the expected ones only).
+    """
+    path = Path(path)
+    file = read_weights_file(path)
+    a = _adapt(file.state_dict, vit)
+    sd = a.state_dict
+    container = (f"{file.container}" + (", DDP 'module.' prefix stripped" if a.stripped else "")
+                 + f", {len(file.state_dict)} tensors")
+    found = f"{a.layout} keys in a {container}"
+    own = vit.state_dict()
+    bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        k = bad[0]
+        raise BadFileError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)} "
+                             f"(wrong preset?); {len(bad)} mismatched tensors in all")
+
+    assigned, missing, unexpected = _check_keys(path, vit, file, a, found, container)
 
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: expected one of {ACTIVATIONS}")

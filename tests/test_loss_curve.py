@@ -40,12 +40,18 @@ def train_curve(shards, out_dir) -> list[dict]:
     return [{k: row[k] for k in ("step", *KEYS)} for row in read_train_log(out_dir)]
 
 
+def write_curve(steps: list[dict]) -> None:
+    # one line per step, so a deliberate update reads as a per-step diff
+    head = {"written_with": {"torch": torch.__version__, "machine": platform.machine()}, "run": RUN}
+    lines = ",\n".join(f"  {json.dumps(row)}" for row in steps)
+    CURVE.write_text(json.dumps(head)[:-1] + f', "steps": [\n{lines}\n]}}\n')
+
+
 def test_first_steps_reproduce_the_stored_curve(tmp_path_factory, tmp_path):
     got = train_curve(tiny_shards(tmp_path_factory), tmp_path / "run")
     assert [row["step"] for row in got] == list(range(1, STEPS + 1)), "train.log_every=1 logs every step"
     if os.environ.get("MFRNET_UPDATE_CURVE") == "1":
-        CURVE.write_text(json.dumps({"written_with": {"torch": torch.__version__, "machine": platform.machine()},
-                                     "run": RUN, "steps": got}, indent=1) + "\n")
+        write_curve(got)
         pytest.skip(f"rewrote {CURVE.relative_to(ROOT)}: review the change and commit it")
     stored = json.loads(CURVE.read_text())
     assert stored["run"] == RUN, "the run's settings changed: regenerate the curve (see the module docstring)"

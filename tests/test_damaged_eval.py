@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import ROOT, run_deepspeed, tiny_train_args
+from launcher import ROOT, run_deepspeed, tiny_shards, tiny_train_args
 from mfrnet_ds import build_model, load_config
 from mfrnet_ds.config import UserError
 from mfrnet_ds.eval.embed import DamagedSplitError, evaluate, extract, format_table, same_shards, score
@@ -134,12 +134,9 @@ def vehicle_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def person_shards_small(tmp_path_factory) -> Path:
-    """RGBNT201 layout (query = gallery): 4 test ids x 3 cameras x 2 images = 24 samples in 3 shards."""
-    root = tmp_path_factory.mktemp("raw201")
-    make_tree("rgbnt201", root, ids=8, cams=3, per_cam=2, seed=4)
-    out = tmp_path_factory.mktemp("shards201")
-    build("rgbnt201", root, out, maxcount=8)
-    return out
+    """The shared tiny shards (launcher.tiny_shards), RGBNT201 layout (query = gallery): 12 test ids x 3 cameras
+    x 3 images = 108 samples in 4 shards."""
+    return tiny_shards(tmp_path_factory)
 
 
 def tiny_model(size):
@@ -257,25 +254,25 @@ def test_same_shards_for_query_and_gallery_count_one_split(person_shards_small, 
     damaged = tmp_path / "damaged"
     shutil.copytree(person_shards_small, damaged)
     manifest = read_manifest(damaged)
-    assert same_shards(manifest) and manifest["splits"]["query"]["num_samples"] == 24
+    assert same_shards(manifest) and manifest["splits"]["query"]["num_samples"] == 108
     bad = corrupt(damaged / "query-000001.tar", 2, modality="tir")
     model = tiny_model(PERSON_SIZE)
     kw = eval_kw(PERSON_SIZE)
-    got = evaluate(model, str(damaged), manifest, max_damaged_share=0.05, **kw)   # 1 of 24: 4.2%
+    got = evaluate(model, str(damaged), manifest, max_damaged_share=0.01, **kw)   # 1 of 108: 0.9%
     assert got["damaged_query"] == got["damaged_gallery"] == 1
 
     # the expected numbers: the undamaged shards' embeddings without that sample, scored by the same protocol
     full = extract(model, str(person_shards_small), "query", **kw)
     lost = positions(person_shards_small, "query", {bad})
-    keep = torch.tensor([i not in lost for i in range(24)])
+    keep = torch.tensor([i not in lost for i in range(108)])
     subset = {k: v[keep] for k, v in full.items() if k != "damaged"}
     want = {**score(subset, subset, manifest_protocol(manifest).match_by), **embedding_health(subset, subset, True)}
     assert {k: v for k, v in got.items() if not k.startswith("damaged_")} == pytest.approx(want, abs=1e-6)
 
-    corrupt(damaged / "query-000002.tar", 0, modality="rgb")   # 2 of 24: 8.3%
+    corrupt(damaged / "query-000002.tar", 0, modality="rgb")   # 2 of 108: 1.9%
     with pytest.raises(DamagedSplitError, match=r"evaluation split query \(also the gallery: the same shards\) "
-                       r"of .*: 2 of 24 samples \(8\.3%\) .*query-000001\.tar \(1\), query-000002\.tar \(1\)"):
-        evaluate(model, str(damaged), manifest, max_damaged_share=0.05, **kw)
+                       r"of .*: 2 of 108 samples \(1\.9%\) .*query-000001\.tar \(1\), query-000002\.tar \(1\)"):
+        evaluate(model, str(damaged), manifest, max_damaged_share=0.01, **kw)
 
 
 # ---- training under the real launcher ----------------------------------------------------------------

@@ -336,7 +336,7 @@ def read_pointer(ckpt_dir: Path, name: str) -> str | None:
     p = Path(ckpt_dir) / name
     if not p.is_file():
         return None
-    tag = p.read_text().strip()
+    tag = p.read_text(errors="replace").strip()   # a garbled pointer names no folder: as if absent
     return tag if (Path(ckpt_dir) / tag / "COMPLETE").is_file() else None
 
 

@@ -1,14 +1,26 @@
 """Readers of the three raw trees as distributed; each turns a root folder into records.
 
-A dataset is one module here with `NAME`, `PROTOCOL` (raw/record.py: image size, camera and id ranges, side-by-side
-files, what the gallery filter matches, whether missing modalities are evaluated) and `read(root) -> RawDataset`,
-registered below. Its layout and naming rules are in the module's docstring; docs/ARCHITECTURE.md lists the rest
-of what a new dataset needs (a YAML under configs/).
+A dataset is one module in this folder with `NAME`, `PROTOCOL` (raw/record.py: image size, camera and id ranges,
+side-by-side files, what the gallery filter matches, whether missing modalities are evaluated) and
+`read(root) -> RawDataset`; every such module is found here by itself. Its layout and naming rules are in the
+module's docstring; docs/ARCHITECTURE.md says what else a new dataset needs (a YAML under configs/).
 """
-from mfrnet_ds.raw import msvr310, rgbnt100, rgbnt201
+import importlib
+import pkgutil
+
 from mfrnet_ds.raw.record import MODALITIES, SPLITS, LayoutError, Problem, Protocol, RawDataset, Record
 
-DATASETS = {m.NAME: m for m in (rgbnt201, rgbnt100, msvr310)}
+
+def _readers() -> dict:
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if all(hasattr(module, a) for a in ("NAME", "PROTOCOL", "read")):
+            found[module.NAME] = module
+    return found
+
+
+DATASETS = _readers()
 READERS = {name: m.read for name, m in DATASETS.items()}
 PROTOCOLS: dict[str, Protocol] = {name: m.PROTOCOL for name, m in DATASETS.items()}
 

@@ -17,6 +17,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from mfrnet_ds.presets import PRESETS
+
+# the three aligned images of every sample, in the order shards, loaders and the model index them
+MODALITIES = ("rgb", "nir", "tir")
+
 
 class UserError(Exception):
     """A failure the user fixes, not a bug: a setting, or an input file that is missing or not what it should
@@ -299,8 +304,6 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def check(config: Config, world_size: int | None = None) -> None:
     """Fail on settings that cannot work; with `world_size`, also the ones that depend on it."""
-    from mfrnet_ds.model.presets import PRESETS  # late: presets import model code
-
     m = config.model
     if m.preset not in PRESETS:
         raise ConfigError(f"model.preset={m.preset!r}: expected one of {', '.join(sorted(PRESETS))}")
@@ -424,13 +427,3 @@ def expert_hidden(moe: MoEConfig, width: int, ratio: float) -> int:
     """Expert hidden width: configured, else `ratio` x the backbone width (768 -> 512 or 1024)."""
     return moe.hidden if moe.hidden is not None else max(1, math.ceil(width * ratio))
 
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": value}, for logging a config as run parameters."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

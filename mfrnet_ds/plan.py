@@ -45,6 +45,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mfrnet_ds.config import Config, ConfigError, derive_batch, load_config
+from mfrnet_ds.presets import PRESETS
 
 GB = 1e9
 # Triplets per second one loader worker decodes and augments at 256x128 (uint8 out), measured with
@@ -149,7 +150,6 @@ def _router_flops(config: Config, moe: MoEFacts, tokens: int) -> float:
 
 
 def _width(config: Config) -> int:
-    from mfrnet_ds.model.presets import PRESETS
     return PRESETS[config.model.preset].width
 
 
@@ -166,7 +166,6 @@ def activation_bytes(config: Config, facts: list[MoEFacts], micro: int, tokens_p
     generator's output (D). Plus the input images and ln_pre / final-norm inputs. Fused attention assumed:
     no T x T matrix is kept (timm uses scaled_dot_product_attention).
     """
-    from mfrnet_ds.model.presets import PRESETS
     p = PRESETS[config.model.preset]
     D, h, depth = p.width, p.heads, p.depth
     n = 3 * micro * tokens_per_image                     # tokens of the micro batch

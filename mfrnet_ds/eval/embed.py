@@ -23,7 +23,8 @@ from mfrnet_ds.eval.metrics import evaluate_rank
 from mfrnet_ds.eval.rerank import k_reciprocal
 from mfrnet_ds.stream.pipeline import eval_loader
 
-# Datasets whose protocol filters gallery entries by scene instead of camera (DATASETS.md).
+# Datasets whose protocol filters gallery entries by scene instead of camera: MSVR310 drops
+# gallery entries with the query's id AND scene (mfrnet_ds/raw/msvr310.py).
 SCENE_PROTOCOL = {"msvr310"}
 
 

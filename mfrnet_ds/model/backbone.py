@@ -19,7 +19,7 @@ from torch import nn
 
 from mfrnet_ds.config import BadFileError, FRMConfig, MissingFileError, expert_hidden
 from mfrnet_ds.model.moe import Expert, SparseMoE
-from mfrnet_ds.model.presets import Preset
+from mfrnet_ds.presets import Preset
 
 log = logging.getLogger(__name__)
 PATCH = 16

@@ -1,9 +1,11 @@
 """Readers of the three raw trees as distributed; each turns a root folder into records.
 
-`READERS[name](root) -> RawDataset`; see DATASETS.md for the layouts and naming rules.
+`READERS[name](root) -> RawDataset`; each reader's module docstring
+gives its tree's layout and naming rules (README.md, "Data: raw datasets -> shards": the shards they become).
 """
+from mfrnet_ds.config import MODALITIES
 from mfrnet_ds.raw import msvr310, rgbnt100, rgbnt201
-from mfrnet_ds.raw.record import MODALITIES, SPLITS, LayoutError, Problem, RawDataset, Record
+from mfrnet_ds.raw.record import SPLITS, LayoutError, Problem, RawDataset, Record
 
 READERS = {
     rgbnt201.NAME: rgbnt201.read,

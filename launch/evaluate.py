@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         return _error(f"checkpoint {ckpt_dir / tag}: {e}", info.is_main)
     try:
-        model = build_model(config, rank=info.rank)     # pretrained weights, when the run's config names them
+        # pretrained weights, when the run's config names them
+        model = D.place_experts(build_model(config), config.train.seed, info.rank)
         ds_config = D.deepspeed_config(config, info.world_size, args.deepspeed_config)
     except UserError as e:
         return _error(e, info.is_main)

@@ -35,7 +35,7 @@ from torch.distributed import distributed_c10d
 from deepspeed.accelerator import get_accelerator
 
 from mfrnet_ds.config import Config, ConfigError, check, derive_batch
-from mfrnet_ds.model.moe import expert_parallel_rank
+from mfrnet_ds.model.moe import EXPERT_KEY, expert_key_to_global, layer_of_key
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +313,36 @@ def initialize(model, optimizer, scheduler, ds_config: dict, info: DistInfo):
     return engine
 
 
+def expert_parallel_rank(rank: int, ep_size: int) -> int:
+    """DeepSpeed's default layout: expert-parallel groups are runs of `ep_size` consecutive ranks."""
+    return rank % ep_size
+
+
+def place_experts(model, seed: int, rank: int):
+    """Give each MoE layer of `model` (from build_model: the slice of expert-parallel rank 0) the experts
+    `rank` holds, with the weights a single process gives those global indices. Returns `model`."""
+    for layer in model.moe_layers:
+        ep_rank = expert_parallel_rank(rank, layer.ep_size)
+        if ep_rank:
+            layer.init_experts(seed, ep_rank)
+    return model
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], model, rank: int) -> dict[str, torch.Tensor]:
+    """Select from a full (all experts, ep_size=1 numbering) state dict what `model` holds on `rank`."""
+    out = {}
+    for key in model.state_dict():
+        if EXPERT_KEY in key:
+            layer = layer_of_key(model, key)
+            ep_rank = expert_parallel_rank(rank, layer.ep_size)
+            out[key] = full[expert_key_to_global(key, ep_rank, len(layer.local_experts))]
+        else:
+            out[key] = full[key]
+    return out
+
+
 def _check_expert_layout(model, info: DistInfo) -> None:
-    """The experts were initialised for `rank % ep_size`; make sure DeepSpeed grouped ranks that way."""
+    """The experts were placed for `rank % ep_size`; make sure DeepSpeed grouped ranks that way."""
     from deepspeed.utils import groups
     for layer in model.moe_layers:
         if layer.ep_size > 1:

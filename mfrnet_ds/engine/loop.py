@@ -98,7 +98,7 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
         config = with_dataset(config, manifest)
         ds_config = D.deepspeed_config(config, info.world_size, ds_config_path)
         plan = make_plan(config, manifest, info.world_size)
-        model = build_model(config, rank=info.rank)
+        model = D.place_experts(build_model(config), config.train.seed, info.rank)
         found = _resume_tag(ckpt_dir) if resume else None
     except UserError as e:
         failure = e

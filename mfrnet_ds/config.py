@@ -177,7 +177,7 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = ""                    # default: the dataset name from the shard manifest
     run_name: str = ""
-    uri: str = ""                           # default: MLFLOW_TRACKING_URI, else sqlite in out_dir
+    uri: str = ""                           # default: MLFLOW_TRACKING_URI, else sqlite in out_dir (tracking/store.py)
     # while the store is unreachable (numbers go to OUT_DIR/mlflow_offline.jsonl), ask it again this often;
     # once it answers, the offline part is replayed into the run (tracking/mlflow.py)
     reconnect_s: float = 30.0

@@ -271,10 +271,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# keys of a DeepSpeed JSON that the experiment config decides: the JSON holds engine settings only
+# (precision, ZeRO, communication), so a value it sets for one of these could silently win over the config
+_OWNED = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
+          "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "optim.grad_clip",
+          "optimizer": "optim.* (engine/optim.py builds the optimizer)",
+          "scheduler": "optim.schedule (engine/optim.py builds the schedule)"}
+
+
 def deepspeed_config(config: Config, world_size: int, path: str | None = None) -> dict:
     """Read the DeepSpeed JSON and fill in the batch sizes and clipping from the experiment config.
 
-    Batch keys already in the JSON must agree with what the experiment config derives.
+    A key the experiment config owns (`_OWNED`) may appear in the JSON only with the config's value (or
+    "auto"); anything else is a ConfigError naming the file, the key and the setting to use instead.
     """
     path = path or config.train.deepspeed_config
     try:
@@ -290,15 +299,19 @@ def deepspeed_config(config: Config, world_size: int, path: str | None = None) -
     check(config, world_size)
     micro, accum = derive_batch(config, world_size)
     want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-            "train_batch_size": config.train.global_batch}
-    for key, value in want.items():
-        if key in ds and ds[key] != "auto" and ds[key] != value:
-            raise ConfigError(f"{path}: {key}={ds[key]} conflicts with the experiment config, which gives "
-                              f"{value} (train.global_batch={config.train.global_batch}, world {world_size}, "
-                              f"micro {micro} x accumulation {accum}); remove it from the JSON or make them agree")
-        ds[key] = value
+            "train_batch_size": config.train.global_batch, "gradient_clipping": config.optim.grad_clip}
+    for key, owner in _OWNED.items():
+        if key in ds and ds[key] != "auto" and (key not in want or ds[key] != want[key]):
+            gives = (f" ({owner}={want[key]}; global batch {config.train.global_batch} = micro {micro} x "
+                     f"accumulation {accum} x world {world_size})" if key in want else f" ({owner})")
+            raise ConfigError(f"{path}: {key}={json.dumps(ds[key])} is set by the experiment config{gives}: "
+                              f"remove {key} from the JSON and set {owner.split()[0]} instead")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        ds[key] = want[key]
     if config.optim.grad_clip > 0:
         ds["gradient_clipping"] = config.optim.grad_clip
+    elif ds.get("gradient_clipping") == "auto":
+        del ds["gradient_clipping"]   # off, as optim.grad_clip=0 says
     if ds.get("zero_optimization", {}).get("stage", 0) == 3:
         raise ConfigError(f"{path}: ZeRO stage 3 does not support DeepSpeed's MoE layers; use stage 0, 1 or 2")
     ds.setdefault("zero_allow_untested_optimizer", True)  # our own torch Adam with MoE groups

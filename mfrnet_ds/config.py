@@ -7,6 +7,7 @@ value and what is allowed.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -213,21 +214,27 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. model.frm.num_experts=8")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    _apply_overrides(data, overrides)
     config = _build(Config, data, "")
     check(config)
     return config
 
 
-def config_from_saved(data: dict) -> Config:
-    """The config stored in a checkpoint or an exported model. Pretrained weights are not reloaded: the
-    file holds every weight."""
+def config_from_saved(data: dict, overrides: typing.Iterable[str] = ()) -> Config:
+    """The config stored in a checkpoint or an exported model, with `key=value` overrides on top (e.g. an
+    evaluation's data.eval_batch). Pretrained weights are not reloaded: the file holds every weight."""
+    data = copy.deepcopy(data)
+    _apply_overrides(data, overrides)
     config = _build(Config, data, "")
     return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=""))
+
+
+def _apply_overrides(data: dict, overrides: typing.Iterable[str]) -> None:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. model.frm.num_experts=8")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:

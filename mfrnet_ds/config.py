@@ -49,6 +49,7 @@ class MoEConfig:
     hidden: Optional[int] = None      # expert hidden width; None -> a fixed ratio of the backbone width
     dropout: float = 0.1
     router: Literal["cosine", "linear"] = "cosine"
+    router_dim: int = 256             # cosine router: the space tokens are projected to (Tutel's 256)
     top_k: int = 1
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
@@ -113,6 +114,9 @@ class DataConfig:
     num_instances: int = 8                   # K of the P x K identity-balanced batch
     num_workers: int = 2
     aligned_augment: bool = True             # one flip/crop/erase draw for the three aligned images
+    # a loader stream emits a batch once its pool holds pool_factor x P identities: larger mixes more shards
+    # into each batch, at pool_factor x the memory of a batch per stream
+    pool_factor: int = 4
     eval_batch: int = 64
     re_ranking: bool = False                 # k-reciprocal re-ranking of the distances at evaluation
     max_damaged_share: float = 0.05          # evaluation fails when more of a split than this is undecodable
@@ -162,6 +166,7 @@ class TrainConfig:
     eval_first: bool = False                # also evaluate the untrained model (step 0)
     eval_missing: bool = True               # final evaluation adds the six missing-modality settings (RGBNT201)
     ckpt_every: int = 0                     # steps; 0 = at the end of every epoch only
+    keep_last: int = 2                      # step checkpoints kept (older ones deleted); `best` is always kept
     seed: int = 0
     out_dir: str = "runs/default"
     on_nan: Literal["skip", "stop"] = "stop"
@@ -337,11 +342,15 @@ def check(config: Config, world_size: int | None = None) -> None:
     k = config.data.num_instances
     if k < 1:
         raise ConfigError(f"data.num_instances={k}: expected >= 1")
+    if config.data.pool_factor < 1:
+        raise ConfigError(f"data.pool_factor={config.data.pool_factor}: expected >= 1")
     if t.global_batch % k:
         raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by data.num_instances={k}: "
                           f"a batch is P identities x K instances")
     if t.epochs < 1:
         raise ConfigError(f"train.epochs={t.epochs}: expected >= 1")
+    if t.keep_last < 1:
+        raise ConfigError(f"train.keep_last={t.keep_last}: expected >= 1 (the checkpoint just saved is one)")
     if not config.tracking.system_metrics_interval > 0:
         raise ConfigError(f"tracking.system_metrics_interval={config.tracking.system_metrics_interval}: expected "
                           "seconds > 0")
@@ -355,6 +364,8 @@ def _check_moe(name: str, moe: MoEConfig, world_size: int | None) -> None:
     if moe.ep_size < 1 or moe.num_experts % moe.ep_size:
         raise ConfigError(f"{name}.ep_size={moe.ep_size}: must divide {name}.num_experts={moe.num_experts} "
                           f"(allowed: {', '.join(str(d) for d in _divisors(moe.num_experts))})")
+    if moe.router_dim < 1:
+        raise ConfigError(f"{name}.router_dim={moe.router_dim}: expected >= 1")
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ConfigError(f"{name}.top_k={moe.top_k}: expected 1..{name}.num_experts ({moe.num_experts})")
     if moe.capacity_factor <= 0 or moe.eval_capacity_factor <= 0:

@@ -115,6 +115,14 @@ def test_same_config_same_weights_and_routers():
                            c["vit.blocks.3.mlp.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight"])
 
 
+def test_router_dim_sets_the_cosine_projection():
+    default, narrow = build_model(tiny()), build_model(tiny("model.frm.router_dim=16"))
+    assert default.moe_layers[-1].router.proj.out_features == 256
+    frm = [m for m in narrow.moe_layers if m.name.startswith("frm.")]
+    assert frm and all(m.router.proj.out_features == 16 and m.router.centroids.shape[1] == 16 for m in frm)
+    assert all(m.router.proj.out_features == 256 for m in narrow.moe_layers if m.name.startswith("ffm."))
+
+
 def test_place_experts_gives_each_rank_the_single_process_experts():
     """The model knows no ranks; dist.place_experts gives rank r of an ep_size=2 layer the experts one process
     holds at the same global indices, bit for bit, and touches nothing else."""

@@ -305,7 +305,8 @@ def _train_batches(config, info, plan, step: int, end: int):
                           batches_per_epoch=plan.steps_per_epoch, num_workers=config.data.num_workers,
                           seed=config.train.seed, epoch=first, rank=info.rank, world_size=info.world_size,
                           accum=plan.accum, start_batch=in_epoch, aligned=config.data.aligned_augment,
-                          pin_memory=info.device.type == "cuda", epochs=-(-end // plan.steps_per_epoch) - first)
+                          pin_memory=info.device.type == "cuda", epochs=-(-end // plan.steps_per_epoch) - first,
+                          pool_factor=config.data.pool_factor)
     with torch.random.fork_rng(devices=[]):   # starting the loader must not move the training RNG (resume)
         return iter(loader)
 
@@ -432,7 +433,7 @@ def _save(engine, ckpt_dir, state, info) -> str:
     tag = f"step{state['step']:08d}"
     if ckpt.read_pointer(ckpt_dir, "latest") != tag:
         try:
-            ckpt.save(engine, ckpt_dir, tag, state, info.rank)
+            ckpt.save(engine, ckpt_dir, tag, state, info.rank, state["config"]["train"]["keep_last"])
         except ckpt.CheckpointError:
             # every rank at once; rank 0 logged the one-line reason (a full disk: where, how much, --resume)
             raise SystemExit(1) from None

@@ -211,13 +211,14 @@ class CosineRouter(_Router):
 
     logits = scale * cos(P x, e_j), with a learned scale exp(t) clamped at 1/min_temperature so the
     softmax cannot become arbitrarily sharp. Defaults as Tutel's cosine_top gate (tutel/gates/cosine_top.py),
-    which the reference uses: 256-d projection with bias, expert vectors drawn from N(0, 0.01^2), t = log 2,
-    clamp at log 100; Tutel's training noise is added to these scaled logits (`_Router.forward`).
+    which the reference uses: a 256-d projection (`model.*.router_dim`) with bias, expert vectors drawn from
+    N(0, 0.01^2), t = log 2, clamp at log 100; Tutel's training noise is added to these scaled logits (`_Router.forward`).
     """
 
-    def __init__(self, dim: int, cfg: MoEConfig, proj_dim: int = 256, init_temperature: float = 0.5,
-                 min_temperature: float = 0.01, init_std: float = 0.01):
+    def __init__(self, dim: int, cfg: MoEConfig, init_temperature: float = 0.5, min_temperature: float = 0.01,
+                 init_std: float = 0.01):
         super().__init__(dim, cfg)
+        proj_dim = cfg.router_dim
         del self.wg  # the linear gate's weight is not used; keep it out of the optimiser
         self.proj = nn.Linear(dim, proj_dim)
         # one learned vector per expert; not named "*expert*": DeepSpeed files every state-dict key holding

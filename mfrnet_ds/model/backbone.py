@@ -163,13 +163,6 @@ def _activation_of(vit: nn.Module) -> str | None:
     return None
 
 
-def adapt_state_dict(sd: dict[str, torch.Tensor], vit: VisionTransformer) -> dict[str, torch.Tensor]:
-    """Foreign weights -> our timm keys: OpenAI CLIP / open_clip (`visual.*`, or bare CLIP visual keys) or
-    timm, a DDP `module.` prefix removed, the position embedding resampled to this model's token grid.
-    Keys outside a CLIP file's `visual.` part are dropped. Pure: dict in, dict out."""
-    return _adapt(sd, vit).state_dict
-
-
 def _adapt(sd: dict[str, torch.Tensor], vit: VisionTransformer) -> _Adapted:
     stripped = bool(sd) and all(k.startswith("module.") for k in sd)
     if stripped:

@@ -57,7 +57,7 @@ def _parse(argv) -> argparse.Namespace:
                     "more than this share of the query or the gallery is damaged; damaged samples under it are "
                     "left out of the scores and counted")
     ap.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
-                    help="train.deepspeed_config=PATH (default: the checkpoint's; ZeRO is turned off)")
+                    help="train.deepspeed_config=PATH (default: the checkpoint's)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--save-embeddings", default=None, help="write query embeddings (+ ids) to this .pt file")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -80,6 +80,22 @@ def _overrides(args) -> list[str]:
     return out + list(args.overrides)
 
 
+def _engine(config, ckpt_dir, tag: str, info):
+    """The run's DeepSpeed engine (its JSON: precision, ZeRO stage) holding the checkpoint's weights."""
+    from mfrnet_ds.engine import dist as D
+    from mfrnet_ds.engine.optim import build_optimizer, param_groups
+    from mfrnet_ds.model import build_model
+
+    model = D.place_experts(build_model(config), config.train.seed, info.rank)
+    ds_config = D.deepspeed_config(config, info.world_size)
+    # DeepSpeed's ZeRO and bf16 wrappers refuse a MoE model without the optimizer's MoE param groups; never
+    # stepped, so Adam allocates no moments
+    optimizer = build_optimizer(param_groups(model, config.optim), config.optim, info.device)
+    engine = D.initialize(model, optimizer, None, ds_config, info)
+    engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False)
+    return engine
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
 
@@ -88,8 +104,7 @@ def main(argv=None) -> int:
     from mfrnet_ds.eval.embed import DamagedSplitError, evaluate_settings, extract, format_table
     from mfrnet_ds.eval.health import collapse_warning
     from mfrnet_ds.eval.pixel import pixel_baseline
-    from mfrnet_ds.engine.optim import build_optimizer, param_groups
-    from mfrnet_ds.model import MISSING_SETTINGS, build_model
+    from mfrnet_ds.model import MISSING_SETTINGS
     from mfrnet_ds.stream.pipeline import read_manifest
 
     settings = [""] + list(MISSING_SETTINGS) if args.missing == "all" else [args.missing]
@@ -119,15 +134,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         return _error(f"checkpoint {ckpt_dir / tag}: {e}", info.is_main)
     try:
-        model = D.place_experts(build_model(config), config.train.seed, info.rank)
-        ds_config = D.deepspeed_config(config, info.world_size)
+        engine = _engine(config, ckpt_dir, tag, info)
     except UserError as e:
         return _error(e, info.is_main)
-    # the engine as the run built it (its precision, ZeRO stage): DeepSpeed's ZeRO and bf16 wrappers refuse a MoE
-    # model without the optimizer's MoE groups. Never stepped, so Adam allocates no moments.
-    optimizer = build_optimizer(param_groups(model, config.optim), config.optim, info.device)
-    engine = D.initialize(model, optimizer, None, ds_config, info)
-    engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False)
     data = config.data
     kw = dict(img_size=config.model.img_size, batch_size=data.eval_batch, rank=info.rank, world_size=info.world_size,
               device=info.device, num_workers=data.num_workers, progress=info.is_main, dtype=D.engine_dtype(engine))

@@ -41,7 +41,7 @@ def main() -> int:
     cfg = load_config(None, [f"model.preset={args.preset}", f"model.img_size=[{args.img[0]},{args.img[1]}]",
                              "model.num_classes=171", f"data.num_instances={args.k}",
                              f"train.global_batch={args.micro * world}"])
-    model = build_model(cfg, rank=info.rank)
+    model = D.place_experts(build_model(cfg), cfg.train.seed, info.rank)
     ds_cfg = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
               "train_batch_size": args.micro * world, "zero_optimization": {"stage": 1},
               "bf16": {"enabled": args.dtype == "bf16"}, "zero_allow_untested_optimizer": True,

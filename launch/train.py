@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 
 from mfrnet_ds.config import ConfigError, UserError, load_config
 
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
     ap.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
-                    help="DeepSpeed JSON (default: train.deepspeed_config of the experiment)")
+                    help="DeepSpeed JSON: sets train.deepspeed_config (default: the experiment's)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.frm.num_experts=8")
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
         else:
             time.sleep(3)         # let rank 0 print it: a launcher stops every rank as soon as one exits
         return 2
+    if args.deepspeed_config:
+        # into the config, not beside it: the checkpoint then records the JSON the run used (launch/evaluate.py)
+        config = replace(config, train=replace(config.train, deepspeed_config=args.deepspeed_config))
 
     from mfrnet_ds.engine import dist as D
     from mfrnet_ds.engine.loop import SetupError, StoppedBySignal, train
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {info.rank}] %(message)s", datefmt="%H:%M:%S")
     try:
-        train(config, info, resume=args.resume, ds_config_path=args.deepspeed_config)
+        train(config, info, resume=args.resume)
     except SetupError as e:       # raised on every rank at the same point
         if info.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)

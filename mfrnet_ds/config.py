@@ -7,6 +7,7 @@ value and what is allowed.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -16,6 +17,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+from mfrnet_ds.presets import PRESETS
+
+# the three aligned images of every sample, in the order shards, loaders and the model index them
+MODALITIES = ("rgb", "nir", "tir")
 
 
 class UserError(Exception):
@@ -43,6 +49,7 @@ class MoEConfig:
     hidden: Optional[int] = None      # expert hidden width; None -> a fixed ratio of the backbone width
     dropout: float = 0.1
     router: Literal["cosine", "linear"] = "cosine"
+    router_dim: int = 256             # cosine router: the space tokens are projected to (Tutel's 256)
     top_k: int = 1
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
@@ -107,6 +114,9 @@ class DataConfig:
     num_instances: int = 8                   # K of the P x K identity-balanced batch
     num_workers: int = 2
     aligned_augment: bool = True             # one flip/crop/erase draw for the three aligned images
+    # a loader stream emits a batch once its pool holds pool_factor x P identities: larger mixes more shards
+    # into each batch, at pool_factor x the memory of a batch per stream
+    pool_factor: int = 4
     eval_batch: int = 64
     re_ranking: bool = False                 # k-reciprocal re-ranking of the distances at evaluation
     max_damaged_share: float = 0.05          # evaluation fails when more of a split than this is undecodable
@@ -156,6 +166,7 @@ class TrainConfig:
     eval_first: bool = False                # also evaluate the untrained model (step 0)
     eval_missing: bool = True               # final evaluation adds the six missing-modality settings (RGBNT201)
     ckpt_every: int = 0                     # steps; 0 = at the end of every epoch only
+    keep_last: int = 2                      # step checkpoints kept (older ones deleted); `best` is always kept
     seed: int = 0
     out_dir: str = "runs/default"
     on_nan: Literal["skip", "stop"] = "stop"
@@ -172,7 +183,7 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = ""                    # default: the dataset name from the shard manifest
     run_name: str = ""
-    uri: str = ""                           # default: MLFLOW_TRACKING_URI, else sqlite in out_dir
+    uri: str = ""                           # default: MLFLOW_TRACKING_URI, else sqlite in out_dir (tracking/store.py)
     # while the store is unreachable (numbers go to OUT_DIR/mlflow_offline.jsonl), ask it again this often;
     # once it answers, the offline part is replayed into the run (tracking/mlflow.py)
     reconnect_s: float = 30.0
@@ -208,21 +219,27 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. model.frm.num_experts=8")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    _apply_overrides(data, overrides)
     config = _build(Config, data, "")
     check(config)
     return config
 
 
-def config_from_saved(data: dict) -> Config:
-    """The config stored in a checkpoint or an exported model. Pretrained weights are not reloaded: the
-    file holds every weight."""
+def config_from_saved(data: dict, overrides: typing.Iterable[str] = ()) -> Config:
+    """The config stored in a checkpoint or an exported model, with `key=value` overrides on top (e.g. an
+    evaluation's data.eval_batch). Pretrained weights are not reloaded: the file holds every weight."""
+    data = copy.deepcopy(data)
+    _apply_overrides(data, overrides)
     config = _build(Config, data, "")
     return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=""))
+
+
+def _apply_overrides(data: dict, overrides: typing.Iterable[str]) -> None:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. model.frm.num_experts=8")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -299,8 +316,6 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def check(config: Config, world_size: int | None = None) -> None:
     """Fail on settings that cannot work; with `world_size`, also the ones that depend on it."""
-    from mfrnet_ds.model.presets import PRESETS  # late: presets import model code
-
     m = config.model
     if m.preset not in PRESETS:
         raise ConfigError(f"model.preset={m.preset!r}: expected one of {', '.join(sorted(PRESETS))}")
@@ -327,11 +342,15 @@ def check(config: Config, world_size: int | None = None) -> None:
     k = config.data.num_instances
     if k < 1:
         raise ConfigError(f"data.num_instances={k}: expected >= 1")
+    if config.data.pool_factor < 1:
+        raise ConfigError(f"data.pool_factor={config.data.pool_factor}: expected >= 1")
     if t.global_batch % k:
         raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by data.num_instances={k}: "
                           f"a batch is P identities x K instances")
     if t.epochs < 1:
         raise ConfigError(f"train.epochs={t.epochs}: expected >= 1")
+    if t.keep_last < 1:
+        raise ConfigError(f"train.keep_last={t.keep_last}: expected >= 1 (the checkpoint just saved is one)")
     if not config.tracking.system_metrics_interval > 0:
         raise ConfigError(f"tracking.system_metrics_interval={config.tracking.system_metrics_interval}: expected "
                           "seconds > 0")
@@ -345,6 +364,8 @@ def _check_moe(name: str, moe: MoEConfig, world_size: int | None) -> None:
     if moe.ep_size < 1 or moe.num_experts % moe.ep_size:
         raise ConfigError(f"{name}.ep_size={moe.ep_size}: must divide {name}.num_experts={moe.num_experts} "
                           f"(allowed: {', '.join(str(d) for d in _divisors(moe.num_experts))})")
+    if moe.router_dim < 1:
+        raise ConfigError(f"{name}.router_dim={moe.router_dim}: expected >= 1")
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ConfigError(f"{name}.top_k={moe.top_k}: expected 1..{name}.num_experts ({moe.num_experts})")
     if moe.capacity_factor <= 0 or moe.eval_capacity_factor <= 0:
@@ -424,13 +445,3 @@ def expert_hidden(moe: MoEConfig, width: int, ratio: float) -> int:
     """Expert hidden width: configured, else `ratio` x the backbone width (768 -> 512 or 1024)."""
     return moe.hidden if moe.hidden is not None else max(1, math.ceil(width * ratio))
 
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": value}, for logging a config as run parameters."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mfrnet_ds.config import Config
+from mfrnet_ds.presets import PRESETS
 
 
 def _cpu_flash_sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
@@ -108,7 +109,6 @@ def _router_flops(config: Config, moe: MoEFacts, tokens: int) -> float:
 
 
 def width_of(config: Config) -> int:
-    from mfrnet_ds.model.presets import PRESETS
     return PRESETS[config.model.preset].width
 
 
@@ -125,7 +125,6 @@ def activation_bytes(config: Config, facts: list[MoEFacts], micro: int, tokens_p
     generator's output (D). Plus the input images and ln_pre / final-norm inputs. Fused attention assumed:
     no T x T matrix is kept (timm uses scaled_dot_product_attention).
     """
-    from mfrnet_ds.model.presets import PRESETS
     p = PRESETS[config.model.preset]
     D, h, depth = p.width, p.heads, p.depth
     n = 3 * micro * tokens_per_image                     # tokens of the micro batch

@@ -42,9 +42,9 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from mfrnet_ds.config import MODALITIES  # noqa: E402
 from mfrnet_ds.viz_samples import read_split, spread_samples, take_samples  # noqa: E402,F401 - take_samples: API
 
-MODALITIES = ("rgb", "nir", "tir")
 PANEL_NAMES = ("RGB", "NIR", "TIR")
 TINT_ALPHA = 0.5
 MODALITY_COLOURS = ("#c0392b", "#34495e", "#e67e22")  # bar chart only

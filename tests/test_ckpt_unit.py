@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from mfrnet_ds.config import MissingFileError
 from mfrnet_ds.engine import ckpt
-from mfrnet_ds.engine.ckpt import KEEP_LAST, mark_best, read_pointer, resolve
+from mfrnet_ds.config import TrainConfig
+from mfrnet_ds.engine.ckpt import mark_best, read_pointer, resolve
 
 
 def tag(step: int) -> str:
@@ -107,19 +108,19 @@ def test_resolve_without_a_complete_checkpoint(tmp_path):
 # ---- rotation and best ----------------------------------------------------------------------------------
 
 def test_rotation_keeps_the_newest_and_what_is_protected(tmp_path):
-    assert KEEP_LAST == 2, "the layouts below assume two kept tags"
+    assert TrainConfig().keep_last == 2, "the layouts below assume the default of two kept tags"
     make_tags(tmp_path, [10, 20, 30, 40, 50])
     (tmp_path / "other").mkdir()                              # not a step tag: never touched
-    ckpt._rotate(tmp_path, protect={tag(20)})
+    ckpt._rotate(tmp_path, 2, protect={tag(20)})
     assert tags_on_disk(tmp_path) == ["other", tag(20), tag(40), tag(50)]
-    ckpt._rotate(tmp_path, protect=set())
+    ckpt._rotate(tmp_path, 2, protect=set())
     assert tags_on_disk(tmp_path) == ["other", tag(40), tag(50)]
 
 
 def test_rotation_orders_by_step_not_by_creation(tmp_path):
     make_tags(tmp_path, [300, 100, 200])                      # zero-padded names sort as the steps
     make_tags(tmp_path, [1000])
-    ckpt._rotate(tmp_path, protect=set())
+    ckpt._rotate(tmp_path, 2, protect=set())
     assert tags_on_disk(tmp_path) == [tag(300), tag(1000)]
 
 
@@ -128,7 +129,7 @@ def test_mark_best_points_and_retires_the_previous_best(tmp_path, one_process_gr
     point(tmp_path, "latest", 40)
     mark_best(tmp_path, tag(10), rank=0)
     assert read_pointer(tmp_path, "best") == tag(10)
-    ckpt._rotate(tmp_path, protect={tag(40), read_pointer(tmp_path, "best")})   # as save() protects best
+    ckpt._rotate(tmp_path, 2, protect={tag(40), read_pointer(tmp_path, "best")})   # as save() protects best
     assert tags_on_disk(tmp_path) == [tag(10), tag(30), tag(40)]
     mark_best(tmp_path, tag(40), rank=0)                       # the old best, kept only for being best, goes
     assert read_pointer(tmp_path, "best") == tag(40)

@@ -78,3 +78,14 @@ def test_batch_derivation_and_conflicts():
     cfg = load_config(None, ["train.global_batch=64", "data.num_instances=8"])
     with pytest.raises(ConfigError, match=r"train.global_batch=64 is not divisible by .* world size 3"):
         derive_batch(cfg, 3)
+
+
+def test_saved_config_is_the_base_and_overrides_go_on_top():
+    """launch/evaluate.py's route: the checkpoint's config, its key=value overrides, the saved dict untouched."""
+    from mfrnet_ds.config import config_from_saved
+    saved = load_config(None, ["data.eval_batch=32", "model.pretrained=/some/ViT-B-16.pt"]).to_dict()
+    cfg = config_from_saved(saved, ["data.eval_batch=16", "data.re_ranking=true"])
+    assert cfg.data.eval_batch == 16 and cfg.data.re_ranking is True and cfg.model.pretrained == ""
+    assert saved["data"]["eval_batch"] == 32 and config_from_saved(saved).data.eval_batch == 32
+    with pytest.raises(ConfigError, match="unknown key data.eval_bach"):
+        config_from_saved(saved, ["data.eval_bach=16"])

@@ -14,7 +14,7 @@ from launcher import ROOT
 from mfrnet_ds import build_model, load_config
 from mfrnet_ds.config import ConfigError, check
 from mfrnet_ds.engine.dist import deepspeed_config
-from mfrnet_ds.model.presets import PRESETS
+from mfrnet_ds.presets import PRESETS
 
 YAMLS = sorted((ROOT / "configs").glob("*.yaml"))
 DS_JSONS = sorted((ROOT / "ds_configs").glob("*.json"))

@@ -115,6 +115,30 @@ def test_same_config_same_weights_and_routers():
                            c["vit.blocks.3.mlp.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight"])
 
 
+def test_router_dim_sets_the_cosine_projection():
+    default, narrow = build_model(tiny()), build_model(tiny("model.frm.router_dim=16"))
+    assert default.moe_layers[-1].router.proj.out_features == 256
+    frm = [m for m in narrow.moe_layers if m.name.startswith("frm.")]
+    assert frm and all(m.router.proj.out_features == 16 and m.router.centroids.shape[1] == 16 for m in frm)
+    assert all(m.router.proj.out_features == 256 for m in narrow.moe_layers if m.name.startswith("ffm."))
+
+
+def test_place_experts_gives_each_rank_the_single_process_experts():
+    """The model knows no ranks; dist.place_experts gives rank r of an ep_size=2 layer the experts one process
+    holds at the same global indices, bit for bit, and touches nothing else."""
+    from mfrnet_ds.engine import dist as D
+    full = build_model(tiny()).state_dict()                     # ep_size 1: all six FRM experts
+    cfg = tiny("model.frm.ep_size=2")
+    for rank in (0, 1, 3):
+        model = D.place_experts(build_model(cfg), cfg.train.seed, rank)
+        want = D.shard_state_dict(full, model, rank)
+        got = model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), rank
+    first, second = (D.place_experts(build_model(cfg), cfg.train.seed, r).state_dict() for r in (0, 1))
+    key = "vit.blocks.3.mlp.moe.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight"
+    assert not torch.equal(first[key], second[key])
+
+
 @pytest.mark.parametrize("router, k", [("linear", 1), ("cosine", 2), ("linear", 3)])
 def test_router_kinds_and_top_k(router, k):
     model = build_model(tiny(f"model.frm.router={router}", f"model.frm.top_k={k}",

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mfrnet_ds import build_model, load_config
-from mfrnet_ds.model.moe import expert_key_to_global, expert_parallel_rank, moe_layers, shard_state_dict
+from mfrnet_ds.engine.dist import expert_parallel_rank, place_experts, shard_state_dict
+from mfrnet_ds.model.moe import expert_key_to_global, moe_layers
 
 FRM_EXPERTS, FFM_EXPERTS = 4, 3
 EXPERT = re.compile(r"\.deepspeed_experts\.(\d+)\.")
@@ -23,7 +24,7 @@ def config(frm_ep: int = 1, ffm_ep: int = 1):
 
 def model_for_rank(cfg, rank: int):
     """The model the process of global rank `rank` builds (the one place to adapt if build_model's API moves)."""
-    return build_model(cfg, rank=rank)
+    return place_experts(build_model(cfg), cfg.train.seed, rank)
 
 
 def global_state(model, rank: int) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from mfrnet_ds import build_model, load_config
 from mfrnet_ds.model.backbone import build_vit, load_pretrained
-from mfrnet_ds.model.presets import PRESETS
+from mfrnet_ds.presets import PRESETS
 
 LOGGER = "mfrnet_ds.model.backbone"
 

@@ -88,6 +88,17 @@ def test_resize_to_another_input_size(person_shards):
     _check_pk(batch, 2, 3, (128, 64))
 
 
+def test_pool_factor_changes_the_mix_not_the_batch_shape(person_shards):
+    """data.pool_factor reaches the stream: a smaller pool emits earlier, so other identities share a batch."""
+    kwargs = dict(global_batch=8, num_instances=4, img_size=SIZE, num_workers=0, seed=3, batches_per_epoch=4)
+    default = list(TrainStream(person_shards, **kwargs))
+    small = list(TrainStream(person_shards, pool_factor=1, **kwargs))
+    assert TrainStream(person_shards, **kwargs).pool_factor == 4
+    for batch in default + small:
+        assert batch["labels"].shape == (8,) and len(set(batch["labels"].tolist())) == 2
+    assert [b["labels"].tolist() for b in default] != [b["labels"].tolist() for b in small]
+
+
 def test_same_arguments_same_batches_and_resume_gives_the_tail(person_shards):
     kwargs = dict(global_batch=8, num_instances=4, img_size=SIZE, num_workers=2, seed=3, epoch=1, batches_per_epoch=7)
     full = list(train_loader(person_shards, **kwargs))

@@ -40,7 +40,6 @@ import torch.distributed as dist
 from mfrnet_ds.config import MissingFileError
 from mfrnet_ds.engine import dist as D
 
-KEEP_LAST = 2
 log = logging.getLogger(__name__)
 
 
@@ -48,8 +47,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be saved. Raised on every rank together, after rank 0 logged why in one line."""
 
 
-def save(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, keep: set[str] = frozenset()) -> None:
+def save(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, keep_last: int) -> None:
     """Collective: every rank must call it. `state` is the loop's client state (step, epoch, best mAP...).
+    Once saved, step tags older than the newest `keep_last` (train.keep_last) go, except `best`.
     Raises CheckpointError on every rank when any rank could not write its part (see the module docstring)."""
     ckpt_dir, t0, sync = Path(ckpt_dir), time.perf_counter(), _Syncs()
     tag_dir = ckpt_dir / tag
@@ -94,7 +94,7 @@ def save(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, keep: set[str
         except Exception as e:
             failure = _failure(e, path, rank)
         else:
-            _rotate(ckpt_dir, protect={tag, *keep, read_pointer(ckpt_dir, "best") or ""})
+            _rotate(ckpt_dir, keep_last, protect={tag, read_pointer(ckpt_dir, "best") or ""})
             log.info("checkpoint %s saved: %s in %.2f s (rank 0's fsyncs %.2f s)", tag, _human(_du(tag_dir)),
                      time.perf_counter() - t0, sync.seconds)
     _agree(ckpt_dir, tag, failure, rank)
@@ -396,9 +396,9 @@ def read_model_states(tag_dir: Path) -> dict:
     return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
 
 
-def _rotate(ckpt_dir: Path, protect: set[str]) -> None:
+def _rotate(ckpt_dir: Path, keep_last: int, protect: set[str]) -> None:
     tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
-    for old in tags[:-KEEP_LAST]:
+    for old in tags[:-keep_last]:
         if old not in protect:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 

@@ -35,7 +35,7 @@ from torch.distributed import distributed_c10d
 from deepspeed.accelerator import get_accelerator
 
 from mfrnet_ds.config import Config, ConfigError, check, derive_batch
-from mfrnet_ds.model.moe import expert_parallel_rank
+from mfrnet_ds.model.moe import EXPERT_KEY, expert_key_to_global, layer_of_key
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +271,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# keys of a DeepSpeed JSON that the experiment config decides: the JSON holds engine settings only
+# (precision, ZeRO, communication), so a value it sets for one of these could silently win over the config
+_OWNED = {"train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
+          "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "optim.grad_clip",
+          "optimizer": "optim.* (engine/optim.py builds the optimizer)",
+          "scheduler": "optim.schedule (engine/optim.py builds the schedule)"}
+
+
 def deepspeed_config(config: Config, world_size: int, path: str | None = None) -> dict:
     """Read the DeepSpeed JSON and fill in the batch sizes and clipping from the experiment config.
 
-    Batch keys already in the JSON must agree with what the experiment config derives.
+    A key the experiment config owns (`_OWNED`) may appear in the JSON only with the config's value (or
+    "auto"); anything else is a ConfigError naming the file, the key and the setting to use instead.
     """
     path = path or config.train.deepspeed_config
     try:
@@ -290,15 +299,19 @@ def deepspeed_config(config: Config, world_size: int, path: str | None = None) -
     check(config, world_size)
     micro, accum = derive_batch(config, world_size)
     want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-            "train_batch_size": config.train.global_batch}
-    for key, value in want.items():
-        if key in ds and ds[key] != "auto" and ds[key] != value:
-            raise ConfigError(f"{path}: {key}={ds[key]} conflicts with the experiment config, which gives "
-                              f"{value} (train.global_batch={config.train.global_batch}, world {world_size}, "
-                              f"micro {micro} x accumulation {accum}); remove it from the JSON or make them agree")
-        ds[key] = value
+            "train_batch_size": config.train.global_batch, "gradient_clipping": config.optim.grad_clip}
+    for key, owner in _OWNED.items():
+        if key in ds and ds[key] != "auto" and (key not in want or ds[key] != want[key]):
+            gives = (f" ({owner}={want[key]}; global batch {config.train.global_batch} = micro {micro} x "
+                     f"accumulation {accum} x world {world_size})" if key in want else f" ({owner})")
+            raise ConfigError(f"{path}: {key}={json.dumps(ds[key])} is set by the experiment config{gives}: "
+                              f"remove {key} from the JSON and set {owner.split()[0]} instead")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        ds[key] = want[key]
     if config.optim.grad_clip > 0:
         ds["gradient_clipping"] = config.optim.grad_clip
+    elif ds.get("gradient_clipping") == "auto":
+        del ds["gradient_clipping"]   # off, as optim.grad_clip=0 says
     if ds.get("zero_optimization", {}).get("stage", 0) == 3:
         raise ConfigError(f"{path}: ZeRO stage 3 does not support DeepSpeed's MoE layers; use stage 0, 1 or 2")
     ds.setdefault("zero_allow_untested_optimizer", True)  # our own torch Adam with MoE groups
@@ -313,8 +326,36 @@ def initialize(model, optimizer, scheduler, ds_config: dict, info: DistInfo):
     return engine
 
 
+def expert_parallel_rank(rank: int, ep_size: int) -> int:
+    """DeepSpeed's default layout: expert-parallel groups are runs of `ep_size` consecutive ranks."""
+    return rank % ep_size
+
+
+def place_experts(model, seed: int, rank: int):
+    """Give each MoE layer of `model` (from build_model: the slice of expert-parallel rank 0) the experts
+    `rank` holds, with the weights a single process gives those global indices. Returns `model`."""
+    for layer in model.moe_layers:
+        ep_rank = expert_parallel_rank(rank, layer.ep_size)
+        if ep_rank:
+            layer.init_experts(seed, ep_rank)
+    return model
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], model, rank: int) -> dict[str, torch.Tensor]:
+    """Select from a full (all experts, ep_size=1 numbering) state dict what `model` holds on `rank`."""
+    out = {}
+    for key in model.state_dict():
+        if EXPERT_KEY in key:
+            layer = layer_of_key(model, key)
+            ep_rank = expert_parallel_rank(rank, layer.ep_size)
+            out[key] = full[expert_key_to_global(key, ep_rank, len(layer.local_experts))]
+        else:
+            out[key] = full[key]
+    return out
+
+
 def _check_expert_layout(model, info: DistInfo) -> None:
-    """The experts were initialised for `rank % ep_size`; make sure DeepSpeed grouped ranks that way."""
+    """The experts were placed for `rank % ep_size`; make sure DeepSpeed grouped ranks that way."""
     from deepspeed.utils import groups
     for layer in model.moe_layers:
         if layer.ep_size > 1:

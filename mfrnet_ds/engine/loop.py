@@ -99,7 +99,7 @@ def train(config: Config, info: D.DistInfo, resume: bool = False, ds_config_path
         config = with_dataset(config, manifest)
         ds_config = D.deepspeed_config(config, info.world_size, ds_config_path)
         plan = make_plan(config, manifest, info.world_size)
-        model = build_model(config, rank=info.rank)
+        model = D.place_experts(build_model(config), config.train.seed, info.rank)
         found = _resume_tag(ckpt_dir) if resume else None
     except UserError as e:
         failure = e
@@ -306,7 +306,8 @@ def _train_batches(config, info, plan, step: int, end: int):
                           batches_per_epoch=plan.steps_per_epoch, num_workers=config.data.num_workers,
                           seed=config.train.seed, epoch=first, rank=info.rank, world_size=info.world_size,
                           accum=plan.accum, start_batch=in_epoch, aligned=config.data.aligned_augment,
-                          pin_memory=info.device.type == "cuda", epochs=-(-end // plan.steps_per_epoch) - first)
+                          pin_memory=info.device.type == "cuda", epochs=-(-end // plan.steps_per_epoch) - first,
+                          pool_factor=config.data.pool_factor)
     with torch.random.fork_rng(devices=[]):   # starting the loader must not move the training RNG (resume)
         return iter(loader)
 
@@ -434,7 +435,7 @@ def _save(engine, ckpt_dir, state, info) -> str:
     tag = f"step{state['step']:08d}"
     if ckpt.read_pointer(ckpt_dir, "latest") != tag:
         try:
-            ckpt.save(engine, ckpt_dir, tag, state, info.rank)
+            ckpt.save(engine, ckpt_dir, tag, state, info.rank, state["config"]["train"]["keep_last"])
         except ckpt.CheckpointError:
             # every rank at once; rank 0 logged the one-line reason (a full disk: where, how much, --resume)
             raise SystemExit(1) from None

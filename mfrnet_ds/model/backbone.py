@@ -19,7 +19,7 @@ from torch import nn
 
 from mfrnet_ds.config import BadFileError, FRMConfig, MissingFileError, expert_hidden
 from mfrnet_ds.model.moe import Expert, SparseMoE
-from mfrnet_ds.model.presets import Preset
+from mfrnet_ds.presets import Preset
 
 log = logging.getLogger(__name__)
 PATCH = 16
@@ -161,13 +161,6 @@ def _activation_of(vit: nn.Module) -> str | None:
         if act is not None:
             return {"QuickGELU": "quick_gelu", "GELU": "gelu"}.get(type(act).__name__)
     return None
-
-
-def adapt_state_dict(sd: dict[str, torch.Tensor], vit: VisionTransformer) -> dict[str, torch.Tensor]:
-    """Foreign weights -> our timm keys: OpenAI CLIP / open_clip (`visual.*`, or bare CLIP visual keys) or
-    timm, a DDP `module.` prefix removed, the position embedding resampled to this model's token grid.
-    Keys outside a CLIP file's `visual.` part are dropped. Pure: dict in, dict out."""
-    return _adapt(sd, vit).state_dict
 
 
 def _adapt(sd: dict[str, torch.Tensor], vit: VisionTransformer) -> _Adapted:

@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mfrnet_ds.config import FFMConfig, expert_hidden
+from mfrnet_ds.config import MODALITIES, FFMConfig, expert_hidden
 from mfrnet_ds.model.moe import Expert, SparseMoE
 
-MODALITIES = ("rgb", "nir", "tir")
 # (source, target) -> generator
 PAIRS = {(1, 0): "A", (2, 0): "A", (0, 1): "A", (2, 1): "B", (0, 2): "B", (1, 2): "B"}
 

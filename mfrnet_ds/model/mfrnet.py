@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mfrnet_ds.config import ModelConfig
+from mfrnet_ds.config import MODALITIES, ModelConfig
 from mfrnet_ds.model.backbone import build_vit, install_frm
-from mfrnet_ds.model.fusion import MODALITIES, FeatureFusion
+from mfrnet_ds.model.fusion import FeatureFusion
 from mfrnet_ds.model.layers import BNNeck, CameraEmbedding, TokenReduction
 from mfrnet_ds.model.moe import SparseMoE, moe_layers
-from mfrnet_ds.model.presets import PRESETS
+from mfrnet_ds.presets import PRESETS
 
 MISSING_SETTINGS = ("r", "n", "t", "rn", "rt", "nt")   # the paper's M(RGB) ... M(NIR+TIR)
 _LETTERS = "rnt"

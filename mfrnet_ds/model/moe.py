@@ -211,13 +211,14 @@ class CosineRouter(_Router):
 
     logits = scale * cos(P x, e_j), with a learned scale exp(t) clamped at 1/min_temperature so the
     softmax cannot become arbitrarily sharp. Defaults as Tutel's cosine_top gate (tutel/gates/cosine_top.py),
-    which the reference uses: 256-d projection with bias, expert vectors drawn from N(0, 0.01^2), t = log 2,
-    clamp at log 100; Tutel's training noise is added to these scaled logits (`_Router.forward`).
+    which the reference uses: a 256-d projection (`model.*.router_dim`) with bias, expert vectors drawn from
+    N(0, 0.01^2), t = log 2, clamp at log 100; Tutel's training noise is added to these scaled logits (`_Router.forward`).
     """
 
-    def __init__(self, dim: int, cfg: MoEConfig, proj_dim: int = 256, init_temperature: float = 0.5,
-                 min_temperature: float = 0.01, init_std: float = 0.01):
+    def __init__(self, dim: int, cfg: MoEConfig, init_temperature: float = 0.5, min_temperature: float = 0.01,
+                 init_std: float = 0.01):
         super().__init__(dim, cfg)
+        proj_dim = cfg.router_dim
         del self.wg  # the linear gate's weight is not used; keep it out of the optimiser
         self.proj = nn.Linear(dim, proj_dim)
         # one learned vector per expert; not named "*expert*": DeepSpeed files every state-dict key holding
@@ -295,7 +296,7 @@ class SparseMoE(nn.Module):
         # Shared experts load every slot's copy into the one module, so the last slot would silently win:
         # refuse a state dict whose slots differ (e.g. one saved with distinct experts).
         if self.shared_experts:
-            head = f"{prefix}moe.deepspeed_moe.experts{_EXPERT_KEY}"
+            head = f"{prefix}moe.deepspeed_moe.experts{EXPERT_KEY}"
             first: dict[str, tuple[str, torch.Tensor]] = {}
             for key, value in state_dict.items():
                 if key.startswith(head):
@@ -355,40 +356,23 @@ def _check_options(cfg: MoEConfig, name: str, shared_experts: bool) -> None:
                          f"and the copies would drift apart")
 
 
-def expert_parallel_rank(rank: int, ep_size: int) -> int:
-    """DeepSpeed's default layout: expert-parallel groups are runs of `ep_size` consecutive ranks."""
-    return rank % ep_size
-
-
 def moe_layers(model: nn.Module) -> list[SparseMoE]:
     return [m for m in model.modules() if isinstance(m, SparseMoE)]
 
 
 # DeepSpeed names a local expert `...deepspeed_experts.<local index>...`; checkpoints and exports need the
-# global index, which depends on the expert-parallel rank.
-_EXPERT_KEY = ".deepspeed_experts."
+# global index, which depends on the expert-parallel rank (engine/dist.py knows it).
+EXPERT_KEY = ".deepspeed_experts."
 
 
 def expert_key_to_global(key: str, ep_rank: int, num_local: int) -> str:
-    head, _, tail = key.partition(_EXPERT_KEY)
+    head, _, tail = key.partition(EXPERT_KEY)
     local, _, rest = tail.partition(".")
-    return f"{head}{_EXPERT_KEY}{ep_rank * num_local + int(local)}.{rest}"
+    return f"{head}{EXPERT_KEY}{ep_rank * num_local + int(local)}.{rest}"
 
 
-def shard_state_dict(full: dict[str, torch.Tensor], model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
-    """Select from a full (all experts, ep_size=1 numbering) state dict what `model` holds on `rank`."""
-    out = {}
-    for key in model.state_dict():
-        if _EXPERT_KEY in key:
-            layer = _layer_of(model, key)
-            ep_rank = expert_parallel_rank(rank, layer.ep_size)
-            out[key] = full[expert_key_to_global(key, ep_rank, len(layer.local_experts))]
-        else:
-            out[key] = full[key]
-    return out
-
-
-def _layer_of(model: nn.Module, key: str) -> SparseMoE:
+def layer_of_key(model: nn.Module, key: str) -> SparseMoE:
+    """The MoE layer a state-dict key of one of its experts belongs to."""
     prefix = key.partition(".moe.deepspeed_moe")[0]
     layer = model.get_submodule(prefix)
     assert isinstance(layer, SparseMoE), key

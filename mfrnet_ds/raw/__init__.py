@@ -8,7 +8,8 @@ module's docstring; docs/ARCHITECTURE.md says what else a new dataset needs (a Y
 import importlib
 import pkgutil
 
-from mfrnet_ds.raw.record import MODALITIES, SPLITS, LayoutError, Problem, Protocol, RawDataset, Record
+from mfrnet_ds.config import MODALITIES
+from mfrnet_ds.raw.record import SPLITS, LayoutError, Problem, Protocol, RawDataset, Record
 
 
 def _readers() -> dict:

@@ -8,7 +8,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODALITIES = ("rgb", "nir", "tir")
 SPLITS = ("train", "query", "gallery")
 
 

@@ -19,8 +19,8 @@ in the smallest shards), every stream reads every shard and keeps its share inst
 (label mod S) when each share still holds P identities, else samples (position in shard mod S). A
 stream groups the consecutive samples of an identity (the builder stores identities whole), cuts each
 into chunks of K (an identity with fewer than K images is padded by repeats, as the reference's
-RandomIdentitySampler does), and emits a batch once its pool holds 4 P identities (or, at the end of
-a pass, P): P distinct identities, one chunk each. The stream cycles through passes, so it yields
+RandomIdentitySampler does), and emits a batch once its pool holds pool_factor (data.pool_factor, 4) x P
+identities (or, at the end of a pass, P): P distinct identities, one chunk each. The stream cycles through passes, so it yields
 exactly `batches_per_epoch` batches however the shards are sized. Every rank reads every shard's
 records (cheap) to run the same draw; decoding and augmentation, the expensive part, happen only for
 its own slice. A sample that does not decode is replaced by another of the same chunk, else by
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from mfrnet_ds.config import UserError
+from mfrnet_ds.config import DataConfig, UserError
 from mfrnet_ds.stream import augment as aug
 from mfrnet_ds.stream.reader import Damage, RawSample, decode, iter_shard, read_manifest
 from mfrnet_ds.stream.source import ShardSource
@@ -58,7 +58,6 @@ from mfrnet_ds.stream.source import ShardSource
 __all__ = ["train_loader", "eval_loader", "read_manifest", "stream_sources", "split_mode", "TrainStream", "EvalStream"]
 
 _SHARD_END, _PASS_END = object(), object()
-POOL_FACTOR = 4  # a stream emits when its pool holds POOL_FACTOR x P identities: batches mix shards
 MAX_DROPPED = 100  # consecutive undecodable batches after which the shards are called damaged, not unlucky
 
 
@@ -135,7 +134,7 @@ class TrainStream(IterableDataset):
     def __init__(self, shards_dir, *, global_batch: int, num_instances: int, img_size, batches_per_epoch=None,
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
                  accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True,
-                 epochs: int = 1):
+                 epochs: int = 1, pool_factor: int = DataConfig.pool_factor):
         super().__init__()
         self.dir = ShardSource(shards_dir)   # a folder, URL or pipe: (stream/source.py)
         manifest = read_manifest(self.dir)
@@ -166,6 +165,9 @@ class TrainStream(IterableDataset):
         self.mode = split_mode([s.get("num_ids", 0) for s in shards], manifest["num_classes"], self.streams, self.p)
         if epochs < 1:
             raise ValueError(f"epochs={epochs}: expected >= 1")
+        if pool_factor < 1:
+            raise ValueError(f"pool_factor={pool_factor}: expected >= 1")
+        self.pool_factor = pool_factor
         self.seed, self.epoch, self.rank, self.world, self.start = seed, epoch, rank, world_size, start_batch
         self.epochs = epochs
         self.augment, self.aligned = augment, aligned
@@ -250,7 +252,7 @@ class TrainStream(IterableDataset):
         """Global batches of one logical stream in `epoch`: P x K samples, identity-major, not yet decoded."""
         rng = np.random.default_rng([self.seed, epoch, stream, self.streams, 11])
         pool, group, label = _IdentityPool(self.k, rng), [], None
-        threshold, emitted = POOL_FACTOR * self.p, 0
+        threshold, emitted = self.pool_factor * self.p, 0
         for item in self._samples(stream, epoch):
             if isinstance(item, RawSample):
                 if group and item.meta["label"] != label:
@@ -476,7 +478,8 @@ def _batch_bytes(rows: int, img_size, element_size: int) -> int:
 def train_loader(shards_dir, *, global_batch: int, num_instances: int, img_size, batches_per_epoch=None,
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
                  accum: int = 1, start_batch: int = 0, augment: bool = True, aligned: bool = True,
-                 pin_memory: bool = False, epochs: int = 1) -> DataLoader:
+                 pin_memory: bool = False, epochs: int = 1,
+                 pool_factor: int = DataConfig.pool_factor) -> DataLoader:
     """This rank's share of each global batch of P ids x K: {"images" (accum x m, 3, 3, H, W) uint8, "erase"
     (the blocks to erase: `augment.erase_`), "labels", "camids"}, its slice of every micro step in micro
     order (m = global / (accum x world)); exactly batches_per_epoch - start_batch of them on every rank, then
@@ -486,7 +489,7 @@ def train_loader(shards_dir, *, global_batch: int, num_instances: int, img_size,
     dataset = TrainStream(shards_dir, global_batch=global_batch, num_instances=num_instances, img_size=img_size,
                           batches_per_epoch=batches_per_epoch, num_workers=num_workers, seed=seed, epoch=epoch,
                           rank=rank, world_size=world_size, accum=accum, start_batch=start_batch, augment=augment,
-                          aligned=aligned, epochs=epochs)
+                          aligned=aligned, epochs=epochs, pool_factor=pool_factor)
     return _loader(dataset, num_workers, _batch_bytes(global_batch // world_size, img_size, 1), pin_memory)
 
 

@@ -20,13 +20,12 @@ import webdataset as wds
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from mfrnet_ds.config import UserError
+from mfrnet_ds.config import MODALITIES, UserError
 from mfrnet_ds.shards import FORMAT
 from mfrnet_ds.stream import source as src
 from mfrnet_ds.stream.source import ShardSource
 
 log = logging.getLogger("mfrnet_ds.stream")
-MODALITIES = ("rgb", "nir", "tir")
 _REQUIRED = ("format", "dataset", "modalities", "image_size", "num_cameras", "num_classes", "splits")
 _SPLITS = ("train", "query", "gallery")
 

@@ -42,7 +42,8 @@ from mfrnet_ds.tracking import store
 from mfrnet_ds.tracking.names import mlflow_metrics
 from mfrnet_ds.tracking.offline import OfflineLog
 
-DB_NAME = "mlflow.db"
+DB_NAME = store.DB_NAME
+resolve_tracking_uri = store.resolve_tracking_uri   # re-exported: the tracker and replay take it from here
 ARTIFACT_DIR = store.ARTIFACT_DIR
 OFFLINE_NAME = "mlflow_offline.jsonl"
 log = logging.getLogger("mfrnet_ds.tracking")
@@ -53,14 +54,6 @@ class TrackingWarning(UserWarning):
 
 
 # ---------------------------------------------------------------- store and parameters
-
-def resolve_tracking_uri(uri: str | None, out_dir: str | os.PathLike) -> str:
-    """Explicit URI, else MLFLOW_TRACKING_URI, else `sqlite:///<abs out_dir>/mlflow.db`."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path(out_dir).resolve() / DB_NAME}"
-
 
 def default_artifact_location(uri: str, experiment: str = "experiment") -> str | None:
     """Artifacts of a sqlite store live next to the database file, recorded relative to it (see

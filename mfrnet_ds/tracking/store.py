@@ -14,12 +14,25 @@ own behaviour (ask the server) is unchanged.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from urllib.parse import urlparse
 
 ARTIFACT_DIR = "mlartifacts"
+DB_NAME = "mlflow.db"
 SCHEME = "mlflow-artifacts"
+
+
+def sqlite_uri(folder: str | os.PathLike) -> str:
+    """The URI of the sqlite store of a run folder: `sqlite:///<abs folder>/mlflow.db`."""
+    return f"sqlite:///{Path(folder).resolve() / DB_NAME}"
+
+
+def resolve_tracking_uri(uri: str | None, folder: str | os.PathLike) -> str:
+    """The one rule for which store to use: an explicit URI, else MLFLOW_TRACKING_URI, else the sqlite store of
+    `folder` (the training's out_dir, the folder of an offline log, the current folder for compare)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(folder)
 
 
 def sqlite_path(uri: str | None) -> Path | None:

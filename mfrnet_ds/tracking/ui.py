@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from mfrnet_ds.tracking.store import ARTIFACT_DIR
-
-DB_NAME = "mlflow.db"
+from mfrnet_ds.tracking.store import ARTIFACT_DIR, DB_NAME, sqlite_uri
 
 
 def server_command(out_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
@@ -24,7 +22,7 @@ def server_command(out_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
     out = Path(out_dir).resolve()
     mlflow = Path(sys.executable).with_name("mlflow")
     return [str(mlflow if mlflow.exists() else "mlflow"), "server", "--backend-store-uri",
-            f"sqlite:///{out / DB_NAME}", "--artifacts-destination", str(out / ARTIFACT_DIR),
+            sqlite_uri(out), "--artifacts-destination", str(out / ARTIFACT_DIR),
             "--host", host, "--port", str(port), "--workers", "1"]
 
 
@@ -49,7 +47,7 @@ def experiment_links(out_dir, base: str) -> list[str]:
     """One line per experiment of the store with runs: its name, runs-table link and compare link."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{Path(out_dir).resolve() / DB_NAME}")
+    client = MlflowClient(sqlite_uri(out_dir))
     lines = []
     for experiment in client.search_experiments():
         runs = client.search_runs([experiment.experiment_id], max_results=20)

@@ -12,7 +12,6 @@ from mfrnet_ds import build_model, load_config
 from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.step import FiniteGuard, StepSettings, train_step
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
-from mfrnet_ds.model.moe import shard_state_dict
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -24,11 +23,11 @@ common = ["model.img_size=[64,32]", "model.num_classes=4", "optim.backbone_lr=3.
           "train.global_batch=16", "model.frm.gate_noise=none", "model.ffm.gate_noise=none"]
 ref = build_model(load_config(None, common))                     # ep_size 1: all six experts here
 cfg = load_config(None, common + ["model.frm.ep_size=2"])
-model = build_model(cfg, rank=info.rank)
+model = D.place_experts(build_model(cfg), cfg.train.seed, info.rank)
 ref_sd = ref.state_dict()
 init_equal = all(torch.equal(v, ref_sd_v) for v, ref_sd_v in
-                 zip(model.state_dict().values(), shard_state_dict(ref_sd, model, info.rank).values()))
-model.load_state_dict(shard_state_dict(ref_sd, model, info.rank))
+                 zip(model.state_dict().values(), D.shard_state_dict(ref_sd, model, info.rank).values()))
+model.load_state_dict(D.shard_state_dict(ref_sd, model, info.rank))
 
 engine = D.initialize(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, info.device),
                       build_scheduler(100, 0, cfg.optim), D.deepspeed_config(cfg, info.world_size), info)

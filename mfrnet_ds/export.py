@@ -12,28 +12,13 @@ Expert parallelism is set back to 1 in the exported config: every expert lives i
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from mfrnet_ds.config import config_from_saved
-from mfrnet_ds.engine.ckpt import read_model_states, resolve
-
-_EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
-
-
-def merged_state_dict(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full fp32 state dict with global expert indices, the client state saved with it)."""
-    main = read_model_states(tag_dir)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in main["module"].items()}
-    for f in sorted(tag_dir.iterdir()):
-        if _EXPERT_FILE.search(f.name):
-            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
-                state[k] = v.float() if v.is_floating_point() else v
-    return state, main
-
+from mfrnet_ds.engine.ckpt import merged_state_dict, resolve
 
 def export(ckpt: str | Path, out: str | Path, use_best: bool = False) -> Path:
     ckpt_dir, tag = resolve(ckpt, best=use_best)

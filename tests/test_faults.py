@@ -16,7 +16,7 @@ import torch
 
 from launcher import (ROOT, deepspeed_bin, free_port, kill_session, rank_processes, read_train_log,
                       remove_shm_buffers, run_deepspeed, tiny_shards, tiny_train_args)
-from mfrnet_ds.export import merged_state_dict
+from mfrnet_ds.engine.ckpt import merged_state_dict
 
 TRAIN = ROOT / "launch/train.py"
 TIMEOUT_S = 30          # train.collective_timeout_s

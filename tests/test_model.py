@@ -126,12 +126,12 @@ def test_router_dim_sets_the_cosine_projection():
 def test_place_experts_gives_each_rank_the_single_process_experts():
     """The model knows no ranks; dist.place_experts gives rank r of an ep_size=2 layer the experts one process
     holds at the same global indices, bit for bit, and touches nothing else."""
-    from mfrnet_ds.engine import dist as D
+    from mfrnet_ds.engine import ckpt, dist as D
     full = build_model(tiny()).state_dict()                     # ep_size 1: all six FRM experts
     cfg = tiny("model.frm.ep_size=2")
     for rank in (0, 1, 3):
         model = D.place_experts(build_model(cfg), cfg.train.seed, rank)
-        want = D.shard_state_dict(full, model, rank)
+        want = ckpt.shard_state_dict(full, model, rank)
         got = model.state_dict()
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), rank
     first, second = (D.place_experts(build_model(cfg), cfg.train.seed, r).state_dict() for r in (0, 1))

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mfrnet_ds import build_model, load_config
-from mfrnet_ds.engine.dist import expert_parallel_rank, place_experts, shard_state_dict
-from mfrnet_ds.model.moe import expert_key_to_global, moe_layers
+from mfrnet_ds.engine.ckpt import expert_key_to_global, shard_state_dict
+from mfrnet_ds.engine.dist import expert_parallel_rank, place_experts
+from mfrnet_ds.model.moe import moe_layers
 
 FRM_EXPERTS, FFM_EXPERTS = 4, 3
 EXPERT = re.compile(r"\.deepspeed_experts\.(\d+)\.")

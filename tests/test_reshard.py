@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from launcher import ROOT, read_train_log, remove_shm_buffers, run_deepspeed, tiny_shards, tiny_train_args
-from mfrnet_ds.export import merged_state_dict
+from mfrnet_ds.engine.ckpt import merged_state_dict
 
 TRAIN = ROOT / "launch/train.py"
 WARNING = "optimizer state (Adam moments) reset"

@@ -24,7 +24,6 @@ room; every rank raises CheckpointError.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
@@ -35,10 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from mfrnet_ds.config import MissingFileError
 from mfrnet_ds.engine import dist as D
+from mfrnet_ds.engine import durable
+from mfrnet_ds.model.moe import EXPERT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def save(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, keep_last: in
     """Collective: every rank must call it. `state` is the loop's client state (step, epoch, best mAP...).
     Once saved, step tags older than the newest `keep_last` (train.keep_last) go, except `best`.
     Raises CheckpointError on every rank when any rank could not write its part (see the module docstring)."""
-    ckpt_dir, t0, sync = Path(ckpt_dir), time.perf_counter(), _Syncs()
+    ckpt_dir, t0, sync = Path(ckpt_dir), time.perf_counter(), durable.Syncs()
     tag_dir = ckpt_dir / tag
     failure = None
     if rank == 0:
@@ -61,10 +61,10 @@ def save(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, keep_last: in
                 shutil.rmtree(tag_dir)
             tag_dir.mkdir()
         except Exception as e:
-            failure = _failure(e, tag_dir, rank)
+            failure = durable.write_failure(e, tag_dir, rank)
     _agree(ckpt_dir, tag, failure, rank)     # and no rank writes into the folder before it is fresh
 
-    writes = _GuardedWrites(engine, rank)
+    writes = durable.GuardedWrites(engine, rank)
     with writes:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
     failure = writes.failure
@@ -79,7 +79,7 @@ def save(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, keep_last: in
             path = tag_dir
             sync.path(tag_dir)
         except Exception as e:
-            failure = _failure(e, path, rank)
+            failure = durable.write_failure(e, path, rank)
     _agree(ckpt_dir, tag, failure, rank)     # every rank's files are on disk
 
     if rank == 0:
@@ -87,16 +87,16 @@ def save(engine, ckpt_dir: Path, tag: str, state: dict, rank: int, keep_last: in
         try:
             sync.path(ckpt_dir)              # the tag folder's own entry
             path = tag_dir / "COMPLETE"
-            _write_durable(path, "ok\n", sync)
+            durable.write_durable(path, "ok\n", sync)
             sync.path(tag_dir)
             path = ckpt_dir / "latest"
-            _write_atomic(path, tag, sync)
+            durable.write_atomic(path, tag, sync)
         except Exception as e:
-            failure = _failure(e, path, rank)
+            failure = durable.write_failure(e, path, rank)
         else:
             _rotate(ckpt_dir, keep_last, protect={tag, read_pointer(ckpt_dir, "best") or ""})
-            log.info("checkpoint %s saved: %s in %.2f s (rank 0's fsyncs %.2f s)", tag, _human(_du(tag_dir)),
-                     time.perf_counter() - t0, sync.seconds)
+            log.info("checkpoint %s saved: %s in %.2f s (rank 0's fsyncs %.2f s)", tag,
+                     durable.human(durable.du(tag_dir)), time.perf_counter() - t0, sync.seconds)
     _agree(ckpt_dir, tag, failure, rank)
 
 
@@ -104,139 +104,14 @@ def mark_best(ckpt_dir: Path, tag: str, rank: int) -> None:
     if rank == 0:
         old = read_pointer(ckpt_dir, "best")
         try:
-            _write_atomic(ckpt_dir / "best", tag)
+            durable.write_atomic(ckpt_dir / "best", tag)
         except OSError as e:    # the checkpoint itself is saved; a full disk stops the run at the next save
             log.warning("could not point %s at %s (%s); it still names %s", ckpt_dir / "best", tag, e, old)
         else:
             latest = read_pointer(ckpt_dir, "latest")
             if old and old not in (tag, latest):
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    dist.barrier()
-
-
-# ---- durable writes ------------------------------------------------------------------------------------
-
-class _Syncs:
-    """fsync, adding up the time it takes."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def fd(self, fd: int) -> None:
-        t0 = time.perf_counter()
-        os.fsync(fd)
-        self.seconds += time.perf_counter() - t0
-
-    def file(self, f) -> None:
-        f.flush()
-        self.fd(f.fileno())
-
-    def path(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)     # a folder too: fsync of its descriptor makes its entries durable
-        try:
-            self.fd(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_durable(path: Path, text: str, sync: _Syncs) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        sync.file(f)
-
-
-def _write_atomic(path: Path, text: str, sync: _Syncs | None = None) -> None:
-    """Replace `path` with `text` so that after a crash it holds the old text or the new, and after return the
-    new one is on disk."""
-    sync = sync or _Syncs()
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        _write_durable(tmp, text, sync)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    sync.path(path.parent)
-
-
-class _GuardedWrites:
-    """Around one engine.save_checkpoint call: DeepSpeed's writes (its checkpoint engine's save and makedirs, and
-    the ZeRO recovery-script copy) record the first failure instead of raising it, and are skipped after one.
-    A rank whose write raised would leave save_checkpoint before its closing barrier with the other ranks
-    waiting in it; guarded, every rank runs DeepSpeed's collectives to the end and the ranks then agree.
-    (Any other exception inside save_checkpoint still propagates: train.collective_timeout_s bounds the wait.)
-    Also collects the files this rank wrote, to fsync them."""
-
-    def __init__(self, engine, rank: int):
-        self.engine, self.rank = engine, rank
-        self.files: list[Path] = []
-        self.failure: dict | None = None
-        self._patched: list[tuple[object, str, bool, object]] = []
-
-    def __enter__(self):
-        ce = self.engine.checkpoint_engine
-        for owner, name, path_at in ((ce, "save", 1), (ce, "makedirs", 0), (self.engine, "_copy_recovery_script", 0)):
-            if hasattr(owner, name):
-                self._guard(owner, name, path_at, keep=name == "save")
-        return self
-
-    def __exit__(self, *exc):
-        for owner, name, had, before in reversed(self._patched):
-            if had:
-                setattr(owner, name, before)
-            else:
-                delattr(owner, name)
-        return False
-
-    def _guard(self, owner, name: str, path_at: int, keep: bool = False) -> None:
-        original = getattr(owner, name)
-
-        def guarded(*args, **kwargs):
-            if self.failure is not None:
-                return None
-            path = args[path_at] if len(args) > path_at else next(iter(kwargs.values()), "?")
-            try:
-                result = original(*args, **kwargs)
-            except Exception as e:
-                self.failure = _failure(e, path, self.rank)
-                return None
-            if keep:
-                self.files.append(Path(path))
-            return result
-
-        self._patched.append((owner, name, name in vars(owner), vars(owner).get(name)))
-        setattr(owner, name, guarded)
-
-
-# ---- a save that failed ----------------------------------------------------------------------------------
-
-SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _failure(exc: BaseException, path, rank: int) -> dict:
-    """What a rank reports about its failed write (picklable, for the exchange)."""
-    code = _errno(exc)
-    if code is None:
-        # torch's zip writer reports a short write without the errno ("unexpected pos 576 vs 534")
-        try:
-            if shutil.disk_usage(_existing(Path(path))).free < 1 << 20:
-                code = errno.ENOSPC
-        except OSError:
-            pass
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return {"rank": rank, "path": str(path), "errno": code, "error": f"{type(exc).__name__}: {text}"[:300]}
-
-
-def _errno(exc: BaseException) -> int | None:
-    seen, e = set(), exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno:
-            return e.errno
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    # torch.save reports a failed write as RuntimeError("write(): fd 3 failed with No space left on device")
-    return next((c for c in (*SPACE_ERRORS, errno.EIO, errno.EROFS, errno.EACCES) if os.strerror(c) in str(exc)),
-                None)
+    D.barrier()
 
 
 def _agree(ckpt_dir: Path, tag: str, failure: dict | None, rank: int) -> None:
@@ -254,82 +129,35 @@ def _agree(ckpt_dir: Path, tag: str, failure: dict | None, rank: int) -> None:
 
 def _give_up(ckpt_dir: Path, tag: str, failures: list[dict]) -> str:
     """Rank 0: remove the partial tag and say in one line what happened and what to do."""
-    first = min(failures, key=lambda f: (f["errno"] not in SPACE_ERRORS, f["rank"]))  # a full disk explains all
+    # a full disk explains every other failure
+    first = min(failures, key=lambda f: (f["errno"] not in durable.SPACE_ERRORS, f["rank"]))
     tag_dir = ckpt_dir / tag
     latest = read_pointer(ckpt_dir, "latest")
-    written = _du(tag_dir)
+    written = durable.du(tag_dir)
     if latest != tag:
         shutil.rmtree(tag_dir, ignore_errors=True)
     if latest and latest != tag:
         step = re.fullmatch(r"step0*(\d+)", latest)
         then = (f"`latest` still names {latest}: free space there and rerun with --resume to continue from "
                 f"{'step ' + step.group(1) if step else latest}")
-        need = f"about {_human(_du(ckpt_dir / latest))} (the size of {latest})"
+        need = f"about {durable.human(durable.du(ckpt_dir / latest))} (the size of {latest})"
     elif latest == tag:
         then = f"`latest` names {tag}, written before the error"
-        need = f"about {_human(written)}"
+        need = f"about {durable.human(written)}"
     else:
         then = "there is no complete checkpoint yet: free space there and rerun, which starts from the beginning"
-        need = f"more than the {_human(written)} written before it failed"
-    if first["errno"] in SPACE_ERRORS:
+        need = f"more than the {durable.human(written)} written before it failed"
+    if first["errno"] in durable.SPACE_ERRORS:
         try:
-            usage = shutil.disk_usage(_existing(ckpt_dir))
-            room = f" ({_human(usage.free)} free of {_human(usage.total)})"
+            usage = shutil.disk_usage(durable.existing(ckpt_dir))
+            room = f" ({durable.human(usage.free)} free of {durable.human(usage.total)})"
         except OSError:
             room = ""
         return (f"checkpoint {tag} was not saved: {os.strerror(first['errno']).lower()} on the "
-                f"{_file_system(ckpt_dir)}{room} when rank {first['rank']} wrote {first['path']}; a checkpoint "
+                f"{durable.file_system(ckpt_dir)}{room} when rank {first['rank']} wrote {first['path']}; a checkpoint "
                 f"needs {need}; {then}")
     return (f"checkpoint {tag} was not saved: rank {first['rank']} could not write {first['path']} "
-            f"({first['error']}) on the {_file_system(ckpt_dir)}; {then.replace('free space there', 'fix that')}")
-
-
-def _existing(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _du(path: Path) -> int:
-    """Bytes the files under `path` take on disk (what `du` says), 0 if there is no such folder."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.stat(os.path.join(root, name))
-            except OSError:
-                continue
-            total += st.st_blocks * 512 or st.st_size
-    return total
-
-
-def _human(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def _file_system(path: Path) -> str:
-    """'tmpfs file system mounted at /x' or 'ext4 file system /dev/sda1 mounted at /': the one holding `path`."""
-    real = os.path.realpath(_existing(path))
-    best = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                mount, (fstype, source) = _unescape(left.split()[4]), right.split()[:2]
-                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-                if inside and (best is None or len(mount) >= len(best[0])):   # the last of equals is on top
-                    best = (mount, fstype, _unescape(source))
-    except (OSError, ValueError, IndexError):
-        pass
-    if best is None:
-        return f"file system holding {real}"
-    mount, fstype, source = best
-    return f"{fstype if source in (fstype, 'none') else f'{fstype} {source}'} file system mounted at {mount}"
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+            f"({first['error']}) on the {durable.file_system(ckpt_dir)}; {then.replace('free space there', 'fix that')}")
 
 
 def read_pointer(ckpt_dir: Path, name: str) -> str | None:
@@ -420,3 +248,47 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- expert keys: local (one rank's slice) <-> global (ep_size 1 numbering) ----------------------------------
+
+# DeepSpeed names a local expert `...deepspeed_experts.<local index>...` (EXPERT_KEY) and saves each in its own file
+# under its global index; resume, export and evaluation on another number of processes map between the two.
+EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
+
+
+def expert_key_to_global(key: str, ep_rank: int, num_local: int) -> str:
+    head, _, tail = key.partition(EXPERT_KEY)
+    local, _, rest = tail.partition(".")
+    return f"{head}{EXPERT_KEY}{ep_rank * num_local + int(local)}.{rest}"
+
+
+def layer_of_key(model, key: str):
+    """The MoE layer a state-dict key of one of its experts belongs to."""
+    layer = model.get_submodule(key.partition(".moe.deepspeed_moe")[0])
+    assert hasattr(layer, "local_experts"), key
+    return layer
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], model, rank: int) -> dict[str, torch.Tensor]:
+    """Select from a full (all experts, ep_size=1 numbering) state dict what `model` holds on `rank`."""
+    out = {}
+    for key in model.state_dict():
+        if EXPERT_KEY in key:
+            layer = layer_of_key(model, key)
+            ep_rank = D.expert_parallel_rank(rank, layer.ep_size)
+            out[key] = full[expert_key_to_global(key, ep_rank, len(layer.local_experts))]
+        else:
+            out[key] = full[key]
+    return out
+
+
+def merged_state_dict(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full fp32 state dict with global expert indices, the client state saved with it) of one tag."""
+    main = read_model_states(tag_dir)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in main["module"].items()}
+    for f in sorted(tag_dir.iterdir()):
+        if EXPERT_FILE.search(f.name):
+            for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
+                state[k] = v.float() if v.is_floating_point() else v
+    return state, main

@@ -35,7 +35,6 @@ from torch.distributed import distributed_c10d
 from deepspeed.accelerator import get_accelerator
 
 from mfrnet_ds.config import Config, ConfigError, check, derive_batch
-from mfrnet_ds.model.moe import EXPERT_KEY, expert_key_to_global, layer_of_key
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +180,22 @@ def all_ranks(value):
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value, group=_HOST["group"])
     return values
+
+
+def gather_to_main(value):
+    """Every rank's `value` (anything picklable) on rank 0, in rank order; None on the other ranks. Over the host
+    group, so a few MB of evaluation features never need a device copy."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, out, dst=0, group=_HOST["group"])
+    return out
+
+
+def barrier() -> None:
+    """Every rank waits here for the others (host group); nothing to do in one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=_HOST["group"])
 
 
 def first_failure(message: str | None) -> tuple[int, str] | None:
@@ -339,19 +354,6 @@ def place_experts(model, seed: int, rank: int):
         if ep_rank:
             layer.init_experts(seed, ep_rank)
     return model
-
-
-def shard_state_dict(full: dict[str, torch.Tensor], model, rank: int) -> dict[str, torch.Tensor]:
-    """Select from a full (all experts, ep_size=1 numbering) state dict what `model` holds on `rank`."""
-    out = {}
-    for key in model.state_dict():
-        if EXPERT_KEY in key:
-            layer = layer_of_key(model, key)
-            ep_rank = expert_parallel_rank(rank, layer.ep_size)
-            out[key] = full[expert_key_to_global(key, ep_rank, len(layer.local_experts))]
-        else:
-            out[key] = full[key]
-    return out
 
 
 def _check_expert_layout(model, info: DistInfo) -> None:

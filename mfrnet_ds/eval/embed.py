@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from mfrnet_ds.config import UserError
+from mfrnet_ds.engine import dist as D
 from mfrnet_ds.eval.health import embedding_health
 from mfrnet_ds.eval.metrics import evaluate_rank
 from mfrnet_ds.eval.rerank import k_reciprocal
@@ -77,9 +77,7 @@ def _damaged_positions(local: dict[str, torch.Tensor], world_size: int) -> list[
     mine = sorted(set(local["index"][local["damaged"].bool()].tolist())) if len(local["index"]) else []
     if world_size == 1:
         return mine
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    return sorted(set().union(*everyone))
+    return sorted(set().union(*D.all_ranks(mine)))
 
 
 def check_damage(split: str, damaged: list[int], stream, max_share: float) -> None:
@@ -105,9 +103,7 @@ def check_damage(split: str, damaged: list[int], stream, max_share: float) -> No
 def _gather_to_rank0(local: dict[str, torch.Tensor], rank: int, world_size: int):
     if world_size == 1:
         return local
-    # gather_object keeps this backend-agnostic (gloo and NCCL); the payload is a few MB of features.
-    out = [None] * world_size if rank == 0 else None
-    dist.gather_object(local, out, dst=0)
+    out = D.gather_to_main(local)
     if rank != 0:
         return None
     return {k: torch.cat([o[k] for o in out]) for k in local}

@@ -360,20 +360,6 @@ def moe_layers(model: nn.Module) -> list[SparseMoE]:
     return [m for m in model.modules() if isinstance(m, SparseMoE)]
 
 
-# DeepSpeed names a local expert `...deepspeed_experts.<local index>...`; checkpoints and exports need the
-# global index, which depends on the expert-parallel rank (engine/dist.py knows it).
+# DeepSpeed names a local expert `...deepspeed_experts.<local index>...`; engine/ckpt.py maps it to the global
+# index checkpoints use.
 EXPERT_KEY = ".deepspeed_experts."
-
-
-def expert_key_to_global(key: str, ep_rank: int, num_local: int) -> str:
-    head, _, tail = key.partition(EXPERT_KEY)
-    local, _, rest = tail.partition(".")
-    return f"{head}{EXPERT_KEY}{ep_rank * num_local + int(local)}.{rest}"
-
-
-def layer_of_key(model: nn.Module, key: str) -> SparseMoE:
-    """The MoE layer a state-dict key of one of its experts belongs to."""
-    prefix = key.partition(".moe.deepspeed_moe")[0]
-    layer = model.get_submodule(prefix)
-    assert isinstance(layer, SparseMoE), key
-    return layer

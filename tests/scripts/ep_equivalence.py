@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mfrnet_ds import build_model, load_config
+from mfrnet_ds.engine import ckpt
 from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.step import FiniteGuard, StepSettings, train_step
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
@@ -26,8 +27,8 @@ cfg = load_config(None, common + ["model.frm.ep_size=2"])
 model = D.place_experts(build_model(cfg), cfg.train.seed, info.rank)
 ref_sd = ref.state_dict()
 init_equal = all(torch.equal(v, ref_sd_v) for v, ref_sd_v in
-                 zip(model.state_dict().values(), D.shard_state_dict(ref_sd, model, info.rank).values()))
-model.load_state_dict(D.shard_state_dict(ref_sd, model, info.rank))
+                 zip(model.state_dict().values(), ckpt.shard_state_dict(ref_sd, model, info.rank).values()))
+model.load_state_dict(ckpt.shard_state_dict(ref_sd, model, info.rank))
 
 engine = D.initialize(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, info.device),
                       build_scheduler(100, 0, cfg.optim), D.deepspeed_config(cfg, info.world_size), info)

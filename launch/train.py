@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         return 2
 
     from mfrnet_ds.engine import dist as D
-    from mfrnet_ds.engine.loop import SetupError, StoppedBySignal, train
+    from mfrnet_ds.trainer import SetupError, StoppedBySignal, train
     from mfrnet_ds.engine.step import NonFiniteLoss
 
     info = D.init_distributed(args.local_rank, timeout_s=config.train.collective_timeout_s)

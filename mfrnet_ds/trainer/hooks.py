@@ -23,38 +23,48 @@ from mfrnet_ds.trainer.state import Trainer
 log = logging.getLogger("mfrnet_ds.train")
 
 
+def _never(t: Trainer) -> bool:
+    return False
+
+
 @dataclass
 class Hook:
-    every: int                                   # in steps or epochs; 0: only when `also` says so
+    """`fn(trainer)` every `every` steps or epochs (0: never by count), and whenever `also(trainer)`."""
+    every: int
     fn: Callable[[Trainer], object]
-    also: Callable[[Trainer], bool] = lambda t: False
+    also: Callable[[Trainer], bool] = _never
 
     def due(self, t: Trainer, count: int) -> bool:
         return bool(self.every and count % self.every == 0) or self.also(t)
 
 
 def step_hooks(t: Trainer) -> list[Hook]:
-    """Run after a step, in this order. The log line also closes the run and a stop."""
+    """Run after a step (count: the step), in this order. The log line also marks the last step and a stop."""
     train = t.config.train
     return [Hook(train.log_every, log_step, also=lambda t: t.step == t.end or bool(t.stopping)),
             Hook(train.ckpt_every, save)]
 
 
 def epoch_hooks(t: Trainer) -> list[Hook]:
-    """Run after a whole epoch (epoch = the number of epochs done), evaluation before its checkpoint."""
+    """Run after a whole epoch (count: the epochs done), the evaluation before the checkpoint; both also run
+    after the last epoch. With train.ckpt_every=0 every epoch ends with a checkpoint."""
     train = t.config.train
-    last = lambda t: t.step // t.plan.steps_per_epoch == train.epochs   # noqa: E731
-
-    def evaluate_epoch(t: Trainer) -> None:
-        evaluate(t, missing_too=last(t) and train.eval_missing)
-        t.evaluated = t.step
-
-    return [Hook(train.eval_every, evaluate_epoch, also=last), Hook(0 if train.ckpt_every else 1, save, also=last)]
+    return [Hook(train.eval_every, _evaluate_epoch, also=_last_epoch),
+            Hook(0 if train.ckpt_every else 1, save, also=_last_epoch)]
 
 
 def end_hooks(t: Trainer) -> list[Hook]:
     """Run once on rank 0 after a finished run; a stopped run has none (the resumed run finalises)."""
     return [Hook(1, finish_run)]
+
+
+def _last_epoch(t: Trainer) -> bool:
+    return t.step // t.plan.steps_per_epoch == t.config.train.epochs
+
+
+def _evaluate_epoch(t: Trainer) -> None:
+    evaluate(t, missing_too=_last_epoch(t) and t.config.train.eval_missing)
+    t.evaluated = t.step
 
 
 def save(t: Trainer) -> str:

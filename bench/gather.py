@@ -21,7 +21,7 @@ from mfrnet_ds import build_model, load_config
 from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.step import step_losses
 from mfrnet_ds.engine.loss import compute_losses
-from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
+from mfrnet_ds.engine.build import build_engine
 
 
 def main() -> int:
@@ -46,8 +46,7 @@ def main() -> int:
               "train_batch_size": args.micro * world, "zero_optimization": {"stage": 1},
               "bf16": {"enabled": args.dtype == "bf16"}, "zero_allow_untested_optimizer": True,
               "steps_per_print": 10 ** 9}
-    engine = D.initialize(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, info.device),
-                          build_scheduler(10 ** 6, 0, cfg.optim), ds_cfg, info)
+    engine = build_engine(model, cfg, info, ds_cfg, total_steps=10 ** 6)
     g = torch.Generator().manual_seed(info.rank)
     images = torch.randn(args.micro, 3, 3, *args.img, generator=g).to(info.device, D.engine_dtype(engine))
     camids = torch.randint(0, 4, (args.micro,), generator=g).to(info.device)

@@ -69,7 +69,7 @@ def syncs() -> None:
     """Count CUDA host syncs per micro step of engine/step.py's train_step (torch.cuda.set_sync_debug_mode)."""
     from mfrnet_ds import build_model, load_config
     from mfrnet_ds.engine import dist as D
-    from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
+    from mfrnet_ds.engine.build import build_engine
     from mfrnet_ds.engine.step import FiniteGuard, StepSettings, train_step
     info = D.init_distributed()
     micro, accum = 32, 2
@@ -79,8 +79,7 @@ def syncs() -> None:
     ds = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
           "train_batch_size": micro * accum, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2},
           "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
-    engine = D.initialize(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, info.device),
-                          build_scheduler(100, 0, cfg.optim), ds, info)
+    engine = build_engine(model, cfg, info, ds, total_steps=100)
     how = StepSettings(micro, accum, info.device, D.engine_dtype(engine), cfg.loss)
     guard = FiniteGuard(info.device)
     n = micro * accum

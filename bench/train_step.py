@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from mfrnet_ds import build_model, load_config
 from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.step import FiniteGuard, StepSettings, step_losses, train_step
-from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
+from mfrnet_ds.engine.build import build_engine
+from mfrnet_ds.engine.optim import build_optimizer, param_groups
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -112,10 +113,8 @@ def main(argv=None) -> int:
               "zero_optimization": {"stage": 1 if cuda else 0}, "bf16": {"enabled": dtype == torch.bfloat16},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
     ds_model = build_model(cfg).to(device)
-    if args.compile == "on" or (args.compile == "auto" and cuda):   # the trainer's train.compile rule
-        ds_model.compile_dense_blocks()
-    engine = D.initialize(ds_model, build_optimizer(param_groups(ds_model, cfg.optim), cfg.optim, device),
-                          build_scheduler(10 ** 6, 0, cfg.optim), ds_cfg, info)
+    compile_ = args.compile == "on" or (args.compile == "auto" and cuda)   # the trainer's train.compile rule
+    engine = build_engine(ds_model, cfg, info, ds_cfg, total_steps=10 ** 6, compile="on" if compile_ else "off")
     # the trainer's own step function (engine/step.py), fed the same batch as it comes from the loader
     how = StepSettings(micro=batch, accum=1, device=device, dtype=D.engine_dtype(engine), loss=cfg.loss,
                        on_nan=cfg.train.on_nan)

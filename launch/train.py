@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         config = replace(config, train=replace(config.train, deepspeed_config=args.deepspeed_config))
 
     from mfrnet_ds.engine import dist as D
-    from mfrnet_ds.engine.loop import SetupError, StoppedBySignal, train
+    from mfrnet_ds.trainer import SetupError, StoppedBySignal, train
     from mfrnet_ds.engine.step import NonFiniteLoss
 
     info = D.init_distributed(args.local_rank, timeout_s=config.train.collective_timeout_s)

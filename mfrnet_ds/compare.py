@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -36,15 +34,15 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from mfrnet_ds.tracking import store as _store  # noqa: E402
-from mfrnet_ds.tracking.names import flat_key, from_mlflow  # noqa: E402
+from mfrnet_ds.tracking.history import fetch_histories  # noqa: E402
+from mfrnet_ds.tracking.names import flat_key  # noqa: E402
+from mfrnet_ds.tracking.plots import EXPERT_LOAD, expert_load_matrices, plot_expert_load, safe_name  # noqa: E402,F401
 
 _store.install()  # the store's portable artifact locations (mlflow-artifacts:/...) resolve beside it
 
 COMPARISON_TAG = "mfrnet.kind"  # runs written by --log carry "comparison" and are never compared
-EXPERT_LOAD = re.compile(r"^expert_load/(?P<layer>.+)/(?P<expert>[^/]+)$")
 
 
 class CompareError(Exception):
@@ -93,19 +91,6 @@ def run_label(row) -> str:
     return f"{name if isinstance(name, str) and name else 'run'}-{row['run_id'][:6]}"
 
 
-def fetch_histories(client: MlflowClient, runs: pd.DataFrame, keys_per_run: dict[str, list[str]]):
-    """{run_id: {flat key: (steps, values in the trainer's units)}} of the MLflow metric names in
-    keys_per_run (new or old names alike), with a progress bar over the metric histories."""
-    jobs = [(run_id, key) for run_id, keys in keys_per_run.items() for key in keys]
-    histories: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
-    for run_id, key in tqdm(jobs, desc="metric histories", unit="metric", file=sys.stderr, leave=False):
-        points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-        latest = {m.step: from_mlflow(key, m.value)[1] for m in points}  # a step logged twice: the last value
-        steps = np.array(sorted(latest), dtype=np.int64)
-        histories[run_id][flat_key(key)] = (steps, np.array([latest[s] for s in steps], dtype=np.float64))
-    return histories
-
-
 def metric_column(runs: pd.DataFrame, key: str) -> pd.Series:
     """The latest value of a flat key per run, from the new name or the old one (trainer's units)."""
     from mfrnet_ds.tracking.names import mlflow_metrics
@@ -134,10 +119,6 @@ def build_table(runs: pd.DataFrame, histories) -> pd.DataFrame:
     return table
 
 
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
-
-
 def plot_curves(runs: pd.DataFrame, histories, metric: str, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     plotted = 0
@@ -156,45 +137,6 @@ def plot_curves(runs: pd.DataFrame, histories, metric: str, out: Path) -> Path |
     ax.legend(fontsize=8)
     path = out / f"curve_{safe_name(metric)}.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def expert_load_matrices(history: dict[str, tuple[np.ndarray, np.ndarray]]):
-    """{layer: (steps, expert names, steps x experts matrix)} from expert_load/<layer>/<expert>."""
-    by_layer: dict[str, dict[str, tuple]] = defaultdict(dict)
-    for key, series in history.items():
-        match = EXPERT_LOAD.match(key)
-        if match:
-            by_layer[match["layer"]][match["expert"]] = series
-    layers = {}
-    for layer, experts in sorted(by_layer.items()):
-        names = sorted(experts, key=lambda e: (not e.isdigit(), int(e) if e.isdigit() else 0, e))
-        steps = np.unique(np.concatenate([experts[e][0] for e in names]))
-        matrix = np.full((steps.size, len(names)), np.nan)
-        for j, name in enumerate(names):
-            s, v = experts[name]
-            matrix[np.searchsorted(steps, s), j] = v
-        layers[layer] = (steps, names, matrix)
-    return layers
-
-
-def plot_expert_load(label: str, layers, out: Path) -> Path:
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 + 2.6 * len(layers), 4.2), squeeze=False)
-    vmax = max(float(np.nanmax(m)) if np.isfinite(m).any() else 1.0 for _, _, m in layers.values())
-    for ax, (layer, (steps, names, matrix)) in zip(axes[0], layers.items()):
-        image = ax.imshow(matrix, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax,
-                          interpolation="nearest")
-        ax.set_title(layer, fontsize=9)
-        ax.set_xlabel("expert")
-        ax.set_xticks(range(len(names)), names, fontsize=7)
-        ticks = np.unique(np.linspace(0, steps.size - 1, min(6, steps.size)).astype(int))
-        ax.set_yticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
-    axes[0][0].set_ylabel("step")
-    fig.colorbar(image, ax=axes[0].tolist(), label="fraction of tokens")
-    fig.suptitle(f"expert load: {label}", fontsize=10)
-    path = out / f"expert_load_{safe_name(label)}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -221,7 +163,7 @@ def compare(experiment: str | None, run_ids: list[str] | None, metrics: list[str
         wanted = set(metrics) | {"mAP", "R1"}
         keys_per_run[row["run_id"]] = sorted(k for k in logged
                                              if flat_key(k) in wanted or EXPERT_LOAD.match(flat_key(k)))
-    histories = fetch_histories(client, runs, keys_per_run)
+    histories = fetch_histories(client, keys_per_run)
     table = build_table(runs, histories)
 
     if out is None:

@@ -13,38 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import torch
+# the library functions live with the checkpoints they read; this module is their command line
+from mfrnet_ds.engine.ckpt import export, load_exported
 
-from mfrnet_ds.config import config_from_saved
-from mfrnet_ds.engine.ckpt import merged_state_dict, resolve
-
-def export(ckpt: str | Path, out: str | Path, use_best: bool = False) -> Path:
-    ckpt_dir, tag = resolve(ckpt, best=use_best)
-    state, main = merged_state_dict(ckpt_dir / tag)
-    if "config" not in main:
-        raise ValueError(f"{ckpt_dir / tag}: no experiment config in the checkpoint (not written by mfrnet_ds?)")
-    config = main["config"]
-    for kind in ("ffm", "frm"):
-        config["model"][kind]["ep_size"] = 1
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({"config": config, "state_dict": state, "source": str(ckpt_dir / tag)}, tmp)
-    tmp.replace(out)
-    return out
-
-
-def load_exported(path: str | Path):
-    """(Config, MFRNet in eval mode) from an exported file."""
-    from mfrnet_ds.model import build_model
-
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    config = config_from_saved(blob["config"])
-    model = build_model(config)
-    model.load_state_dict(blob["state_dict"])
-    return config, model.eval()
+__all__ = ["export", "load_exported", "main"]
 
 
 def main(argv=None) -> int:

@@ -344,7 +344,7 @@ def expert_pictures(model, shards, out, *, n: int = 8, split: str = "query", lay
 def load_model(checkpoint):
     """(Config, MFRNet in eval mode) from an exported .pt file, or a checkpoint/run folder (exported to
     a temporary file first)."""
-    from mfrnet_ds.export import export, load_exported
+    from mfrnet_ds.engine.ckpt import export, load_exported
 
     path = Path(checkpoint)
     if path.is_file():

@@ -419,7 +419,7 @@ def test_logged_model_registers_by_name_and_embeds_like_the_model(person_shards,
 
     from mfrnet_ds.config import load_config
     from mfrnet_ds.model import build_model
-    from mfrnet_ds.tracking.model import log_pytorch_model
+    from mfrnet_ds.trainer.logged_model import log_trained_model
     from mfrnet_ds.viz import take_samples
 
     config = load_config(None, ["model.preset=tiny", "model.img_size=[64,32]", "model.num_classes=8"])
@@ -427,7 +427,7 @@ def test_logged_model_registers_by_name_and_embeds_like_the_model(person_shards,
     tracker = MlflowTracker(tmp_path / "out", system_metrics=False)
     with tracker:
         tracker.start("models", "r", {})
-        info = tracker.online("log_model", lambda client, run_id: log_pytorch_model(
+        info = tracker.online("log_model", lambda client, run_id: log_trained_model(
             tracker.tracking_uri, run_id, (config, model), str(person_shards), "mfrnet-tiny"))
     assert info is not None and info.signature is not None and info.saved_input_example_info is not None
     assert info.signature.inputs.input_names() == ["images", "camids"]

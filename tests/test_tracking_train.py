@@ -161,7 +161,7 @@ def test_finalize_warns_and_keeps_going_when_a_step_fails(runs, tmp_path, monkey
 
     from mfrnet_ds.config import load_config
     from mfrnet_ds.tracking import MlflowTracker
-    from mfrnet_ds.tracking.finish import FinalizeWarning, finalize_run
+    from mfrnet_ds.trainer.finish import FinalizeWarning, finalize_run
 
     for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):

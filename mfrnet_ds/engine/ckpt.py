@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mfrnet_ds.config import MissingFileError
+from mfrnet_ds.config import MissingFileError, config_from_saved
 from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine import durable
 from mfrnet_ds.model.moe import EXPERT_KEY
@@ -292,3 +292,34 @@ def merged_state_dict(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
             for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
                 state[k] = v.float() if v.is_floating_point() else v
     return state, main
+
+
+# ---- one file for inference -----------------------------------------------------------------------------
+
+def export(ckpt: str | Path, out: str | Path, use_best: bool = False) -> Path:
+    """One fp32 file {config (ep_size 1), state_dict (every expert), source} for inference in a plain process
+    (`python -m mfrnet_ds.export`)."""
+    ckpt_dir, tag = resolve(ckpt, best=use_best)
+    state, main = merged_state_dict(ckpt_dir / tag)
+    if "config" not in main:
+        raise ValueError(f"{ckpt_dir / tag}: no experiment config in the checkpoint (not written by mfrnet_ds?)")
+    config = main["config"]
+    for kind in ("ffm", "frm"):
+        config["model"][kind]["ep_size"] = 1
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({"config": config, "state_dict": state, "source": str(ckpt_dir / tag)}, tmp)
+    tmp.replace(out)
+    return out
+
+
+def load_exported(path: str | Path):
+    """(Config, MFRNet in eval mode) from an exported file."""
+    from mfrnet_ds.model import build_model
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    config = config_from_saved(blob["config"])
+    model = build_model(config)
+    model.load_state_dict(blob["state_dict"])
+    return config, model.eval()

@@ -1,4 +1,4 @@
-"""One training step, top to bottom. The loop (engine/loop.py) calls it once per global batch, and so do
+"""One training step, top to bottom. The loop (trainer/loop.py) calls it once per global batch, and so do
 bench/train_step.py and tests/scripts/ep_equivalence.py: what they measure is what trains.
 
 A step takes this rank's share of one global P x K batch ({"images": (accum x micro, 3, 3, H, W) uint8 or

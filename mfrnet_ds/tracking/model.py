@@ -1,62 +1,26 @@
-"""The trained model as an MLflow logged model (`mlflow.pytorch`), with a signature and an input example.
+"""A torch module logged as an MLflow model (`mlflow.pytorch`) of a run, with its signature and input example.
 
-    model = mlflow.pytorch.load_model("models:/<model_id>")      # or runs:/<run_id>/model
-    embedding = model(images, camids)    # images (B, 3, 3, H, W) float32, normalised as the shards'
-                                         # evaluation loader does; camids (B,) int64 -> (B, D) float32
+    info = log_pytorch_model(tracking_uri, run_id, module, signature, example, registered_name="name")
 
-The loading process needs `mfrnet_ds` importable (the pickled module refers to its classes) and nothing
-else: no DeepSpeed launcher, no checkpoint folder, no network. The embeddings are those of
-`launch/evaluate.py --save-embeddings` for the same images (evaluation mode, fp32).
+What the module is and how its signature is found is the caller's (trainer/logged_model.py for MFRNet).
 """
 from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
-EXAMPLE_SAMPLES = 2
 
-
-class Embedder(nn.Module):
-    """MFRNet reduced to what retrieval needs: (images, camids) -> embedding, in evaluation mode."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model.eval()
-
-    def forward(self, images: torch.Tensor, camids: torch.Tensor) -> torch.Tensor:
-        # images: (B, 3 modalities, C, H, W); camids: (B,)
-        return self.model(images, camids.long()).embedding.float()
-
-
-def signature_and_example(embedder: Embedder, shards, img_size):
-    """(ModelSignature, input example) from real query samples of the run's shards."""
-    from mlflow.models import infer_signature
-
-    from mfrnet_ds.viz import take_samples
-
-    batch = take_samples(shards, "query", EXAMPLE_SAMPLES, img_size)
-    example = {"images": batch["images"].float().numpy(), "camids": batch["camids"].long().numpy()}
-    with torch.no_grad():
-        output = embedder(batch["images"].float(), batch["camids"].long()).numpy()
-    return infer_signature(example, output), example, int(output.shape[1])
-
-
-def log_pytorch_model(tracking_uri: str, run_id: str, loaded, shards, registered_name: str = ""):
-    """Log `loaded` = (config, model) of `mfrnet_ds.export.load_exported` as the run's `model`
-    (mlflow.pytorch); returns the ModelInfo."""
-    import deepspeed
+def log_pytorch_model(tracking_uri: str, run_id: str, module: nn.Module, signature, input_example,
+                      registered_name: str = "", pip_requirements: list[str] | None = None,
+                      params: dict | None = None, metadata: dict | None = None):
+    """Log `module` (pickled) as the run's `model`; returns MLflow's ModelInfo."""
     import mlflow
 
-    config, model = loaded
-    embedder = Embedder(model)
-    signature, example, dim = signature_and_example(embedder, shards, config.model.img_size)
-    num_params = sum(p.numel() for p in model.parameters())
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
-    # MLflow checks the input example through the pyfunc flavour, which takes one tensor, not (images,
-    # camids): that check always fails and logs the whole example (megabytes of numbers at 256x128) as a
+    # MLflow checks the input example through the pyfunc flavour, which takes one tensor: a module of several
+    # inputs fails that check, and MLflow logs the whole example (megabytes of numbers for images) as a
     # warning. mlflow.pytorch.load_model is the way in (docs/TRACKING.md); keep that log quiet.
     quiet = logging.getLogger("mlflow.models.model")
     level = quiet.level
@@ -64,15 +28,9 @@ def log_pytorch_model(tracking_uri: str, run_id: str, loaded, shards, registered
     try:
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             return mlflow.pytorch.log_model(
-                embedder, name="model", signature=signature, input_example=example, serialization_format="pickle",
-                registered_model_name=registered_name or None,
-                # listed, not inferred: inference would import the model in a subprocess (slow, and the
-                # training venv's full freeze is not what an inference host needs)
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"deepspeed=={deepspeed.__version__}",
-                                  "timm"],
-                params={"num_params": str(num_params), "preset": config.model.preset},
-                metadata={"embedding_dim": dim, "img_size": list(config.model.img_size),
-                          "modalities": ["rgb", "nir", "tir"]})
+                module, name="model", signature=signature, input_example=input_example,
+                serialization_format="pickle", registered_model_name=registered_name or None,
+                pip_requirements=pip_requirements, params=params, metadata=metadata)
     finally:
         quiet.setLevel(level)
         mlflow.set_tracking_uri(previous)

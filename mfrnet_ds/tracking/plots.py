@@ -5,14 +5,16 @@
     learning_curves(history, OUT_DIR / "plots/learning_curves.png", evals=eval_history)
     expert_load_heatmap(history, OUT_DIR / "plots", label="run")
 
-`history` has the shape of one run of `mfrnet_ds.compare.fetch_histories`, so the expert-load heat
-map is compare's own (one panel per MoE layer, steps x experts).
+`history` has the shape of one run of `tracking.history.fetch_histories`; `mfrnet_ds.compare` draws its
+expert-load heat maps (one panel per MoE layer, steps x experts) with the functions here. Matplotlib only:
+no pandas, no MLflow.
 """
 from __future__ import annotations
 
 import json
 import re
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -21,10 +23,9 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mfrnet_ds.compare import expert_load_matrices, plot_expert_load  # noqa: E402
-
 EVAL_KEYS = ("mAP", "R1", "R5", "R10")
 _DROPPED = re.compile(r"^dropped/(?P<layer>.+)$")
+EXPERT_LOAD = re.compile(r"^expert_load/(?P<layer>.+)/(?P<expert>[^/]+)$")
 
 
 def read_train_log(path: str | Path) -> list[dict]:
@@ -112,7 +113,7 @@ def learning_curves(history: dict, path: str | Path, evals: dict | None = None, 
 
 
 def expert_load_heatmap(history: dict, out_dir: str | Path, label: str) -> Path | None:
-    """compare's steps x experts heat map (one panel per layer) as out_dir/expert_load_<label>.png;
+    """The steps x experts heat map (one panel per layer) as out_dir/expert_load_<label>.png;
     None when no `expert_load/<layer>/<expert>` metric was logged."""
     layers = expert_load_matrices(history)
     if not layers:
@@ -120,3 +121,46 @@ def expert_load_heatmap(history: dict, out_dir: str | Path, label: str) -> Path 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return plot_expert_load(label, layers, out_dir)
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
+
+
+def expert_load_matrices(history: dict[str, tuple[np.ndarray, np.ndarray]]):
+    """{layer: (steps, expert names, steps x experts matrix)} from expert_load/<layer>/<expert>."""
+    by_layer: dict[str, dict[str, tuple]] = defaultdict(dict)
+    for key, series in history.items():
+        match = EXPERT_LOAD.match(key)
+        if match:
+            by_layer[match["layer"]][match["expert"]] = series
+    layers = {}
+    for layer, experts in sorted(by_layer.items()):
+        names = sorted(experts, key=lambda e: (not e.isdigit(), int(e) if e.isdigit() else 0, e))
+        steps = np.unique(np.concatenate([experts[e][0] for e in names]))
+        matrix = np.full((steps.size, len(names)), np.nan)
+        for j, name in enumerate(names):
+            s, v = experts[name]
+            matrix[np.searchsorted(steps, s), j] = v
+        layers[layer] = (steps, names, matrix)
+    return layers
+
+
+def plot_expert_load(label: str, layers, out: Path) -> Path:
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 + 2.6 * len(layers), 4.2), squeeze=False)
+    vmax = max(float(np.nanmax(m)) if np.isfinite(m).any() else 1.0 for _, _, m in layers.values())
+    for ax, (layer, (steps, names, matrix)) in zip(axes[0], layers.items()):
+        image = ax.imshow(matrix, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax,
+                          interpolation="nearest")
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ticks = np.unique(np.linspace(0, steps.size - 1, min(6, steps.size)).astype(int))
+        ax.set_yticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
+    axes[0][0].set_ylabel("step")
+    fig.colorbar(image, ax=axes[0].tolist(), label="fraction of tokens")
+    fig.suptitle(f"expert load: {label}", fontsize=10)
+    path = out / f"expert_load_{safe_name(label)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

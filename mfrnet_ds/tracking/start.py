@@ -1,6 +1,6 @@
 """Opening the MLflow run of a training: params, standard tags, description, dataset inputs.
 
-    tracker = start_tracking(config, info, manifest, ds_config, run_id)   # engine/loop.py, every rank
+    tracker = start_tracking(config, info, manifest, ds_config, run_id)   # trainer/loop.py, every rank
 
 Rank 0 opens (or, on resume, reopens) the run; the other ranks, and runs with tracking.enabled false,
 get a NullTracker.

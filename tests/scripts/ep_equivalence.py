@@ -12,7 +12,7 @@ from mfrnet_ds import build_model, load_config
 from mfrnet_ds.engine import ckpt
 from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.step import FiniteGuard, StepSettings, train_step
-from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
+from mfrnet_ds.engine.build import build_engine
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -30,8 +30,7 @@ init_equal = all(torch.equal(v, ref_sd_v) for v, ref_sd_v in
                  zip(model.state_dict().values(), ckpt.shard_state_dict(ref_sd, model, info.rank).values()))
 model.load_state_dict(ckpt.shard_state_dict(ref_sd, model, info.rank))
 
-engine = D.initialize(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, info.device),
-                      build_scheduler(100, 0, cfg.optim), D.deepspeed_config(cfg, info.world_size), info)
+engine = build_engine(model, cfg, info, D.deepspeed_config(cfg, info.world_size), total_steps=100)
 
 g = torch.Generator().manual_seed(100 + info.rank)               # each rank its own input
 images = torch.randn(8, 3, 3, 64, 32, generator=g)

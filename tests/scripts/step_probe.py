@@ -14,7 +14,7 @@ import torch
 
 from mfrnet_ds import build_model, load_config
 from mfrnet_ds.engine import dist as D
-from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
+from mfrnet_ds.engine.build import build_engine
 from mfrnet_ds.engine.step import FiniteGuard, NonFiniteLoss, StepSettings, device_images, train_step
 
 # What reads a tensor's value back to the host (on a GPU: a device sync when the tensor lives there).
@@ -59,8 +59,7 @@ def build(overrides, ds_extra=None):
     ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ACCUM,
           "train_batch_size": MICRO * ACCUM, "zero_optimization": {"stage": 0},
           "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, **(ds_extra or {})}
-    engine = D.initialize(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, info.device),
-                          build_scheduler(100, 0, cfg.optim), ds, info)
+    engine = build_engine(model, cfg, info, ds, total_steps=100)
     how = StepSettings(MICRO, ACCUM, info.device, D.engine_dtype(engine), cfg.loss, cfg.train.on_nan)
     return engine, how, FiniteGuard(info.device)
 

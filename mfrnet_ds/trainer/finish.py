@@ -1,4 +1,5 @@
-"""End of a training run on rank 0: the files a person looks at, written to OUT_DIR and logged as artifacts.
+"""End of a training run on rank 0 (a trainer hook): the files a person looks at, written to OUT_DIR and
+handed to the tracker as artifacts.
 
     OUT_DIR/config.json, deepspeed.json, metrics.json, metrics_untrained.json, train_log.jsonl,
             eval_log.jsonl         (trainer)
@@ -6,7 +7,7 @@
     OUT_DIR/plots/                 learning_curves.png, expert_load_<name>.png
     OUT_DIR/model.pt               fp32 export of the latest checkpoint (mfrnet_ds.export)
     model (logged model)           the same weights as an `mlflow.pytorch` model with signature and input
-                                   example (tracking/model.py); param `num_params`
+                                   example (trainer/logged_model.py); param `num_params`
     OUT_DIR/experts/               the expert picture (mfrnet_ds.viz) on query samples
 
 Artifacts keep these names (plots/ and experts/ as folders). Every step is on its own: a failure warns
@@ -22,7 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
-log = logging.getLogger("mfrnet_ds.tracking")
+log = logging.getLogger("mfrnet_ds.train")
 
 RUN_FILES = ("config.json", "deepspeed.json", "metrics.json", "metrics_untrained.json", "train_log.jsonl",
              "eval_log.jsonl")
@@ -43,6 +44,12 @@ def _step(what: str, fn):
         return None
     log.debug("finalize: %s (%.1f s)", what, time.perf_counter() - start)
     return result
+
+
+def finish_run(t) -> dict[str, Path]:
+    """The end-of-run hook: finalize_run for the Trainer `t` (rank 0, after a finished run)."""
+    return finalize_run(t.tracker, out_dir=t.out_dir, ckpt_dir=t.ckpt_dir, shards=t.config.data.shards,
+                        manifest=t.manifest, config=t.config)
 
 
 def finalize_run(tracker, *, out_dir: Path, ckpt_dir: Path, shards: str, manifest: dict, config,
@@ -126,12 +133,12 @@ def eval_history(tracker, out_dir: Path, last_step: int) -> dict:
         try:
             from mlflow.tracking import MlflowClient
 
-            from mfrnet_ds.compare import fetch_histories
+            from mfrnet_ds.tracking.history import fetch_histories
             from mfrnet_ds.tracking.names import flat_key
 
             client = MlflowClient(uri)
             keys = [k for k in client.get_run(run_id).data.metrics if flat_key(k) in EVAL_KEYS]
-            return dict(fetch_histories(client, None, {run_id: keys}).get(run_id, {}))
+            return dict(fetch_histories(client, {run_id: keys}).get(run_id, {}))
         except Exception as exc:  # noqa: BLE001 - fall back to the files
             warnings.warn(f"finalize_run: evaluation history not readable from {uri} ({type(exc).__name__}); "
                           "plotting the first and last evaluation only", FinalizeWarning, stacklevel=2)
@@ -146,21 +153,21 @@ def eval_history(tracker, out_dir: Path, last_step: int) -> dict:
 
 
 def _export(ckpt_dir: Path, target: Path) -> Path:
-    from mfrnet_ds.export import export
+    from mfrnet_ds.engine.ckpt import export
 
     return export(ckpt_dir, target)
 
 
 def _load(model_file: Path):
-    from mfrnet_ds.export import load_exported
+    from mfrnet_ds.engine.ckpt import load_exported
 
     return load_exported(model_file)
 
 
 def _log_model(uri: str, run_id: str, loaded, shards, register: str):
-    from mfrnet_ds.tracking.model import log_pytorch_model
+    from mfrnet_ds.trainer.logged_model import log_trained_model
 
-    return log_pytorch_model(uri, run_id, loaded, shards, register)
+    return log_trained_model(uri, run_id, loaded, shards, register)
 
 
 def _last_step(out_dir: Path) -> int:

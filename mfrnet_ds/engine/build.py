@@ -1,0 +1,22 @@
+"""A DeepSpeed engine from a model and a config: parameter groups, optimizer, LR schedule, DeepSpeed.
+
+    engine = build_engine(model, config, info, ds_config, total_steps=plan.total_steps, ...)
+
+The trainer and the scripts that drive `train_step` by hand (bench/, tests/scripts/) build it here, so they
+measure and test the engine the trainer runs.
+"""
+from __future__ import annotations
+
+from mfrnet_ds.engine import dist as D
+from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
+
+
+def build_engine(model, config, info: D.DistInfo, ds_config: dict, total_steps: int, warmup_steps: int = 0,
+                 steps_per_epoch: int = 1, epochs: int = 1, compile: str = "off"):
+    """Collective (DeepSpeed's initialize). `compile`: "on", "off" or "auto" (on when the device is CUDA),
+    train.compile's rule; compiled before DeepSpeed wraps the model so the engine runs the compiled blocks."""
+    if compile == "on" or (compile == "auto" and info.device.type == "cuda"):
+        model.compile_dense_blocks()
+    optimizer = build_optimizer(param_groups(model, config.optim), config.optim, info.device)
+    scheduler = build_scheduler(total_steps, warmup_steps, config.optim, steps_per_epoch, epochs)
+    return D.initialize(model, optimizer, scheduler, ds_config, info)

@@ -23,7 +23,8 @@ import torch
 
 from launcher import ROOT, kill_session, read_train_log, tiny_shards, tiny_train_args
 from mfrnet_ds.stream import source as src
-from mfrnet_ds.stream.pipeline import EvalStream, TrainStream
+from mfrnet_ds.stream.eval_stream import EvalStream
+from mfrnet_ds.stream.train_stream import TrainStream
 from mfrnet_ds.stream.reader import Damage, ManifestError, iter_shard, read_manifest
 
 CUT = 200_000         # bytes of a shard the dropping server sends before it closes the connection (~6 samples)

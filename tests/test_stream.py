@@ -13,7 +13,8 @@ import torch
 from mfrnet_ds.shards import build
 from mfrnet_ds.stream import augment as aug
 from mfrnet_ds.engine.step import device_images
-from mfrnet_ds.stream.pipeline import TrainStream, eval_loader, read_manifest, train_loader
+from mfrnet_ds.stream.pipeline import eval_loader, read_manifest, train_loader
+from mfrnet_ds.stream.train_stream import TrainStream
 from mfrnet_ds.stream.reader import ManifestError
 
 SIZE = (256, 128)

@@ -16,7 +16,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "mfrnet_ds"
 
 # viz (the expert picture) and viz_samples analyse a trained model on evaluation samples: the eval layer
-LAYERS = ["config presets", "raw", "shards synth", "stream", "model", "engine", "eval viz viz_samples", "tracking",
+LAYERS = ["config presets typed errors", "raw", "shards synth", "stream", "model", "engine", "eval viz viz_samples", "tracking",
           "trainer"]
 RANK = {name: i for i, group in enumerate(LAYERS) for name in group.split()}
 TOOLS = len(LAYERS)     # everything else: compare, export, plan, costs, viz, summary, ...

@@ -144,7 +144,7 @@ def plot_curves(runs: pd.DataFrame, histories, metric: str, out: Path) -> Path |
 
 def comparison_experiment(client: MlflowClient, experiment: str, uri: str) -> str:
     """Id of `<experiment>-comparisons`: comparison runs live there, not among the training runs."""
-    from mfrnet_ds.tracking.mlflow import ensure_experiment
+    from mfrnet_ds.tracking.client import ensure_experiment
 
     return ensure_experiment(client, f"{experiment}-comparisons", uri,
                              f"Comparisons of runs of `{experiment}` written by `python -m mfrnet_ds.compare --log`.")

@@ -23,13 +23,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from mfrnet_ds.tracking.mlflow import (
-    ensure_experiment,
-    log_metrics_batched,
-    log_params_batched,
-    resolve_tracking_uri,
-    split_resumed_params,
-)
+from mfrnet_ds.tracking.client import ensure_experiment, log_metrics_batched, log_params_batched, split_resumed_params
+from mfrnet_ds.tracking.store import resolve_tracking_uri
 from mfrnet_ds.tracking.offline import read_records
 
 

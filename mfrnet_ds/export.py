@@ -27,11 +27,10 @@ def main(argv=None) -> int:
     ap.add_argument("--best", action="store_true", help="export the best-mAP checkpoint instead of the latest")
     args = ap.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out, use_best=args.best)
+        print(f"wrote {export(args.checkpoint, args.out, use_best=args.best)}")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
     return 0
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mfrnet_ds.raw.record import Problem, Protocol, RawDataset, Record, list_images, make_key, relabel, require_dirs
+from mfrnet_ds.raw.record import (Problem, Protocol, RawDataset, Record, by_split, list_images, make_key,
+                                  require_dirs)
 
 NAME = "msvr310"
 IMAGE_SIZE = (128, 256)
@@ -71,15 +72,5 @@ def read(root: Path) -> RawDataset:
     root = Path(root)
     require_dirs(root, NAME, list(FOLDERS.values()))
     problems: list[Problem] = []
-    groups = {}
-    for split, folder in FOLDERS.items():
-        records = _read_split(root, folder, problems)
-        groups[split] = relabel(records) if split == "train" else records
-    return RawDataset(
-        name=NAME,
-        root=root,
-        protocol=PROTOCOL,
-        groups=groups,
-        splits={s: s for s in FOLDERS},
-        problems=problems,
-    )
+    splits = {split: _read_split(root, folder, problems) for split, folder in FOLDERS.items()}
+    return by_split(NAME, root, PROTOCOL, splits, problems)

@@ -106,6 +106,14 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".jpg")
 
 
+def by_split(name: str, root: Path, protocol: Protocol, splits: dict[str, list[Record]], problems: list[Problem],
+             junk: int = 0) -> RawDataset:
+    """A dataset whose folders are its train/query/gallery splits; training labels made contiguous."""
+    groups = {split: relabel(records) if split == "train" else records for split, records in splits.items()}
+    return RawDataset(name=name, root=root, protocol=protocol, groups=groups, splits={s: s for s in groups},
+                      problems=problems, junk=junk)
+
+
 def relabel(records: list[Record]) -> list[Record]:
     """Contiguous training labels 0..N-1 in ascending original-id order."""
     pids = sorted({r.pid for r in records})

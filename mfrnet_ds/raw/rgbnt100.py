@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mfrnet_ds.raw.record import Problem, Protocol, RawDataset, Record, list_images, make_key, relabel, require_dirs
+from mfrnet_ds.raw.record import (Problem, Protocol, RawDataset, Record, by_split, list_images, make_key,
+                                  require_dirs)
 
 NAME = "rgbnt100"
 IMAGE_SIZE = (128, 256)
@@ -55,7 +56,7 @@ def read(root: Path) -> RawDataset:
     require_dirs(base, NAME + " (rgbir/)", list(FOLDERS.values()))
     problems: list[Problem] = []
     junk = 0
-    groups: dict[str, list[Record]] = {}
+    splits: dict[str, list[Record]] = {}
     for split, folder in FOLDERS.items():
         records = []
         for path in list_images(base / folder):
@@ -69,13 +70,5 @@ def read(root: Path) -> RawDataset:
                 junk += 1
                 continue
             records.append(Record(make_key(source), source, (source,), pid, camid))
-        groups[split] = relabel(records) if split == "train" else records
-    return RawDataset(
-        name=NAME,
-        root=root,
-        protocol=PROTOCOL,
-        groups=groups,
-        splits={s: s for s in FOLDERS},
-        problems=problems,
-        junk=junk,
-    )
+        splits[split] = records
+    return by_split(NAME, root, PROTOCOL, splits, problems, junk)

@@ -50,14 +50,14 @@ class CompareError(Exception):
 
 
 def resolve_uri(uri: str | None) -> str:
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    default = Path("mlflow.db").resolve()
-    if not default.exists():
-        raise CompareError(f"no MLflow store given and {default} does not exist; pass --uri "
+    """The store the trainer's rule gives (tracking/store.py) with the current folder as the run folder; a
+    default sqlite file that is not there is an error, not a new empty store."""
+    resolved = _store.resolve_tracking_uri(uri, Path.cwd())
+    default = _store.sqlite_path(resolved)
+    if not uri and not os.environ.get("MLFLOW_TRACKING_URI") and not default.exists():
+        raise CompareError(f"no MLflow store given and {default.resolve()} does not exist; pass --uri "
                            "sqlite:///PATH/mlflow.db (the training's out_dir) or set MLFLOW_TRACKING_URI")
-    return f"sqlite:///{default}"
+    return resolved
 
 
 def load_runs(client: MlflowClient, experiment: str | None, run_ids: list[str] | None) -> tuple[str, pd.DataFrame]:

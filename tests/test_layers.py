@@ -80,3 +80,24 @@ def test_imports_run_down_the_layers():
 ])
 def test_the_rule_itself(module, target, upward):
     assert (layer_of(target) > layer_of(module)) is upward
+
+
+# Sizes a newcomer can hold in their head (issue 14): a module that outgrows this is two modules, a function two
+# functions. The margins over 400 and 60 are the "~" of the rule, not room to grow into.
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 65
+
+
+def test_modules_and_functions_stay_small():
+    too_big = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent)
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_big.append(f"{rel}: {text.count(chr(10))} lines (module limit {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    too_big.append(f"{rel}:{node.lineno}: {node.name} is {lines} lines (limit {MAX_FUNCTION_LINES})")
+    assert not too_big, "split these:\n" + "\n".join(too_big)

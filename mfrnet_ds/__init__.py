@@ -1,6 +1,6 @@
 """mfrnet-ds: MFRNet (sparse-MoE multi-modal ReID) trained with DeepSpeed.
 
-Public API: `load_config(path, overrides=())`, `build_model(config)`; `mfrnet_ds.metrics.evaluate_rank`.
+Public API: `load_config(path, overrides=())`, `build_model(config)`; `mfrnet_ds.eval.metrics.evaluate_rank`.
 """
 from mfrnet_ds.config import Config, ConfigError, load_config
 

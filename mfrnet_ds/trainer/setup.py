@@ -29,7 +29,8 @@ class SetupError(UserError):
 
 
 @dataclass
-class Plan:
+class BatchPlan:
+    """How a run's global batch is cut and how many steps it takes (not the capacity plan of mfrnet_ds.plan)."""
     micro: int
     accum: int
     steps_per_epoch: int
@@ -52,11 +53,11 @@ def with_dataset(config: Config, manifest: dict) -> Config:
     return replace(config, model=replace(m, num_classes=num_classes))
 
 
-def make_plan(config: Config, manifest: dict, world_size: int) -> Plan:
+def make_plan(config: Config, manifest: dict, world_size: int) -> BatchPlan:
     micro, accum = derive_batch(config, world_size)
     t = config.train
     spe = t.steps_per_epoch or max(1, manifest["splits"]["train"]["num_samples"] // t.global_batch)
-    return Plan(micro, accum, spe, spe * t.epochs, spe * config.optim.warmup_epochs)
+    return BatchPlan(micro, accum, spe, spe * t.epochs, spe * config.optim.warmup_epochs)
 
 
 def resume_tag(ckpt_dir: Path) -> str:

@@ -10,7 +10,7 @@ import torch
 from mfrnet_ds.config import Config
 from mfrnet_ds.engine import ckpt
 from mfrnet_ds.engine import dist as D
-from mfrnet_ds.trainer.setup import SAMPLER, Plan, seed_everything
+from mfrnet_ds.trainer.setup import SAMPLER, BatchPlan, seed_everything
 
 log = logging.getLogger("mfrnet_ds.train")
 
@@ -19,7 +19,7 @@ log = logging.getLogger("mfrnet_ds.train")
 class Trainer:
     config: Config
     info: D.DistInfo
-    plan: Plan
+    plan: BatchPlan
     manifest: dict
     engine: object
     ds_config: dict

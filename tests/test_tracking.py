@@ -85,7 +85,8 @@ def store(tmp_path_factory):
             run_id, logged = train_like_run(tracker, name, experts, shift=shift)
             (out / "config.json").write_text(json.dumps({"experts": experts}))
             tracker.log_artifact(out / "config.json")
-            tracker.log_dict({"mAP": logged[20]["mAP"]}, "final/metrics.json")
+            (out / "metrics.json").write_text(json.dumps({"mAP": logged[20]["mAP"]}))
+            tracker.log_artifact(out / "metrics.json", "final")
             if name == "frm6":
                 time.sleep(0.8)  # a few system-metric samples
         assert not tracker.is_offline
@@ -215,7 +216,8 @@ def test_unreachable_store_warns_once_writes_jsonl_and_replays(tmp_path):
         warnings.simplefilter("always")
         (tmp_path / "cfg.json").write_text("{}")
         tracker.log_artifact(tmp_path / "cfg.json")
-        tracker.log_dict({"mAP": 1.5}, "final/metrics.json")
+        (tmp_path / "metrics.json").write_text(json.dumps({"mAP": 1.5}))
+        tracker.log_artifact(tmp_path / "metrics.json", "final")
         tracker.close()
     assert time.monotonic() - started < 20  # bounded retries: no minutes-long hang
     assert not [w for w in caught if issubclass(w.category, TrackingWarning)]
@@ -404,7 +406,8 @@ def test_sqlite_store_records_artifacts_relative_to_it(tmp_path):
     tracker = MlflowTracker(tmp_path / "a", system_metrics=False)
     with tracker:
         tracker.start("portable", "r", {})
-        tracker.log_dict({"x": 1}, "d/x.json")
+        (tmp_path / "x.json").write_text(json.dumps({"x": 1}))
+        tracker.log_artifact(tmp_path / "x.json", "d")
     run = MlflowClient(tracker.tracking_uri).get_run(tracker.run_id)
     assert run.info.artifact_uri == f"mlflow-artifacts:/portable/{tracker.run_id}/artifacts"
     assert (tmp_path / "a/mlartifacts/portable" / tracker.run_id / "artifacts/d/x.json").is_file()

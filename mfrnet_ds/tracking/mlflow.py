@@ -20,7 +20,6 @@ file for `python -m mfrnet_ds.tracking.replay FILE`, and the log says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -171,19 +170,6 @@ class MlflowTracker:
         self._write(lambda: log(self.run_id, str(path), artifact_path),
                     {"type": "artifact", "path": str(path), "artifact_path": artifact_path}, "log_artifact")
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._require_started()
-        if self.is_offline:
-            return self._offline_side_file(text, artifact_file)
-        try:
-            self._client.log_text(self.run_id, text, artifact_file)
-        except Exception as exc:  # noqa: BLE001
-            self._go_offline("log_text", exc)
-            self._offline_side_file(text, artifact_file)
-
-    def log_dict(self, dictionary: Mapping, artifact_file: str) -> None:
-        self.log_text(json.dumps(dictionary, indent=2, sort_keys=True, default=str), artifact_file)
-
     def online(self, where: str, fn) -> object:
         """`fn(client, run_id)` against the store, for what the offline log cannot replay (a logged model,
         dataset inputs); skipped with a warning when the run is offline. Returns fn's result or None."""
@@ -226,12 +212,6 @@ class MlflowTracker:
                 self._go_offline(where, exc)
         self.offline.append(record)
         self._reconnect(force=record["type"] == "end")
-
-    def _offline_side_file(self, text: str, artifact_file: str) -> None:
-        side = self.offline.write_side_file(artifact_file, text)
-        parent = str(Path(artifact_file).parent)
-        self.offline.append({"type": "artifact", "path": str(side),
-                             "artifact_path": None if parent == "." else parent})
 
     def _go_offline(self, where: str, exc: Exception) -> None:
         if self.is_offline:
@@ -300,12 +280,6 @@ class NullTracker:
         pass
 
     def log_artifact(self, path, artifact_path=None):
-        pass
-
-    def log_text(self, text, artifact_file):
-        pass
-
-    def log_dict(self, dictionary, artifact_file):
         pass
 
     def online(self, where, fn):

@@ -27,11 +27,10 @@ RECORD_TYPES = ("start", "params", "metrics", "artifact", "end")
 
 
 class OfflineLog:
-    """Appends records to a JSONL file; side files (text/dict artifacts) go next to it."""
+    """Appends records to a JSONL file."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).resolve()
-        self.artifact_dir = self.path.with_name(self.path.stem + "_artifacts")
 
     def append(self, record: dict) -> None:
         if record.get("type") not in RECORD_TYPES:
@@ -46,15 +45,6 @@ class OfflineLog:
                 prefix = b""
             f.write(prefix + (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
             f.flush()
-
-    def write_side_file(self, artifact_file: str, text: str) -> Path:
-        """Keep the content of a text/dict artifact so that a replay can upload it."""
-        target = (self.artifact_dir / artifact_file).resolve()
-        if self.artifact_dir.resolve() not in target.parents:
-            raise ValueError(f"artifact_file {artifact_file!r} must be a relative path inside the run")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
-        return target
 
 
 def read_records(path: str | os.PathLike, first_line: int = 1) -> Iterator[tuple[int, dict]]:

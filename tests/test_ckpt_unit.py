@@ -117,6 +117,15 @@ def test_rotation_keeps_the_newest_and_what_is_protected(tmp_path):
     assert tags_on_disk(tmp_path) == ["other", tag(40), tag(50)]
 
 
+@pytest.mark.parametrize("keep_last", [1, 2, 3])
+def test_rotation_keeps_the_newest_train_keep_last(tmp_path, keep_last):
+    make_tags(tmp_path, [10, 20, 30, 40, 50])
+    (tmp_path / "latest").write_text(tag(50))
+    ckpt._rotate(tmp_path, keep_last, protect={tag(10)})      # tag 10: the best one
+    assert tags_on_disk(tmp_path) == sorted({tag(10), *[tag(s) for s in (10, 20, 30, 40, 50)[-keep_last:]]})
+    assert (tmp_path / "latest").is_file()
+
+
 def test_rotation_orders_by_step_not_by_creation(tmp_path):
     make_tags(tmp_path, [300, 100, 200])                      # zero-padded names sort as the steps
     make_tags(tmp_path, [1000])

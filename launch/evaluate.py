@@ -83,15 +83,11 @@ def _overrides(args) -> list[str]:
 def _engine(config, ckpt_dir, tag: str, info):
     """The run's DeepSpeed engine (its JSON: precision, ZeRO stage) holding the checkpoint's weights."""
     from mfrnet_ds.engine import dist as D
-    from mfrnet_ds.engine.optim import build_optimizer, param_groups
+    from mfrnet_ds.engine.build import build_engine
     from mfrnet_ds.model import build_model
 
     model = D.place_experts(build_model(config), config.train.seed, info.rank)
-    ds_config = D.deepspeed_config(config, info.world_size)
-    # DeepSpeed's ZeRO and bf16 wrappers refuse a MoE model without the optimizer's MoE param groups; never
-    # stepped, so Adam allocates no moments
-    optimizer = build_optimizer(param_groups(model, config.optim), config.optim, info.device)
-    engine = D.initialize(model, optimizer, None, ds_config, info)
+    engine = build_engine(model, config, info, D.deepspeed_config(config, info.world_size), total_steps=None)
     engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False, load_lr_scheduler_states=False)
     return engine
 

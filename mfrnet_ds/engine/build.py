@@ -11,12 +11,15 @@ from mfrnet_ds.engine import dist as D
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
 
 
-def build_engine(model, config, info: D.DistInfo, ds_config: dict, total_steps: int, warmup_steps: int = 0,
+def build_engine(model, config, info: D.DistInfo, ds_config: dict, total_steps: int | None, warmup_steps: int = 0,
                  steps_per_epoch: int = 1, epochs: int = 1, compile: str = "off"):
-    """Collective (DeepSpeed's initialize). `compile`: "on", "off" or "auto" (on when the device is CUDA),
-    train.compile's rule; compiled before DeepSpeed wraps the model so the engine runs the compiled blocks."""
+    """Collective (DeepSpeed's initialize). `total_steps` None: no LR schedule (an engine that only evaluates;
+    DeepSpeed's ZeRO and bf16 wrappers still want the optimizer's MoE groups, and one never stepped allocates no
+    moments). `compile`: "on", "off" or "auto" (on when the device is CUDA), train.compile's rule; compiled
+    before DeepSpeed wraps the model so the engine runs the compiled blocks."""
     if compile == "on" or (compile == "auto" and info.device.type == "cuda"):
         model.compile_dense_blocks()
     optimizer = build_optimizer(param_groups(model, config.optim), config.optim, info.device)
-    scheduler = build_scheduler(total_steps, warmup_steps, config.optim, steps_per_epoch, epochs)
+    scheduler = None if total_steps is None else build_scheduler(total_steps, warmup_steps, config.optim,
+                                                                  steps_per_epoch, epochs)
     return D.initialize(model, optimizer, scheduler, ds_config, info)

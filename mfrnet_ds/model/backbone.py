@@ -210,10 +210,11 @@ def _few(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def _check_keys(path: Path, vit: VisionTransformer, file, a, found: str, container: str):
-    """(assigned, missing, unexpected) keys of the file against the backbone; BadFileError unless only the FRM
-    experts/routers are missing and only the MLPs they replace (and a CLIP file's non-visual part) are extra."""
-    sd, own = a.state_dict, vit.state_dict()
+def _check_keys(path: Path, vit: VisionTransformer, own: dict, file, a, found: str, container: str):
+    """(assigned, missing, unexpected) keys of the file against the backbone's state dict `own`; BadFileError
+    unless only the FRM experts/routers are missing and only the MLPs they replace (and a CLIP file's non-visual
+    part) are extra."""
+    sd = a.state_dict
     frm = [i for i, block in enumerate(vit.blocks) if isinstance(block.mlp, SparseMoE)]
     new = tuple(f"blocks.{i}.mlp." for i in frm)  # experts and routers
     replaced = {f"blocks.{i}.mlp.{fc}.{p}" for i in frm for fc in ("fc1", "fc2") for p in ("weight", "bias")}
@@ -265,7 +266,7 @@ def load_pretrained(vit: VisionTransformer, path: str | Path,
         raise BadFileError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)} "
                              f"(wrong preset?); {len(bad)} mismatched tensors in all")
 
-    assigned, missing, unexpected = _check_keys(path, vit, file, a, found, container)
+    assigned, missing, unexpected = _check_keys(path, vit, own, file, a, found, container)
 
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: expected one of {ACTIVATIONS}")

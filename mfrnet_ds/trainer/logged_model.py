@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mfrnet_ds.config import MODALITIES
 from mfrnet_ds.tracking.model import log_pytorch_model
 
 EXAMPLE_SAMPLES = 2
@@ -58,4 +59,4 @@ def log_trained_model(tracking_uri: str, run_id: str, loaded, shards, registered
         # training venv's full freeze is not what an inference host needs)
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"deepspeed=={deepspeed.__version__}", "timm"],
         params={"num_params": str(num_params), "preset": config.model.preset},
-        metadata={"embedding_dim": dim, "img_size": list(config.model.img_size), "modalities": ["rgb", "nir", "tir"]})
+        metadata={"embedding_dim": dim, "img_size": list(config.model.img_size), "modalities": list(MODALITIES)})

@@ -35,6 +35,9 @@ input and the fixed upstream gradient excluded):
     cuda: torch.cuda.max_memory_allocated() - memory_allocated() at the start, after a peak reset;
     cpu:  from torch.profiler's memory events (profile_memory=True): the running sum of every
           allocation and free made by torch's CPU allocator in time order, its maximum.
+Host memory: by default the rule the trainer follows (train.malloc=auto, engine/malloc.py): on CPUs freed
+blocks are kept for reuse, so a large tensor does not pay a fresh mmap and its page faults every step;
+`--malloc default` measures glibc's own behaviour. Every row of a run shares the setting.
 Targets (issue 13): on CPU the cosine MoE <= 1.3x the dense MLP in fp32 and <= 1.6x in bf16, the linear MoE
 <= 1.2x in fp32 (bf16: no stated target, held to the cosine's 1.6x) and faster than the masked loop (which
 routes with the same linear gate); on GPU both <= 1.2x.
@@ -58,6 +61,7 @@ from torch.profiler import ProfilerActivity, profile
 from timm.layers import Mlp, QuickGELU
 
 from mfrnet_ds.config import MoEConfig
+from mfrnet_ds.engine import malloc
 from mfrnet_ds.model.moe import Expert, SparseMoE
 from mfrnet_ds.model.moe_dispatch import _loop, run_experts
 
@@ -383,6 +387,9 @@ def parse_args(argv):
                     help="cpu: this process's CPU time, which other processes on a shared machine do not inflate "
                          "by descheduling it; use with --threads 1 (idle OpenMP threads spin and count)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--malloc", choices=("auto", "reuse", "default"), default="auto",
+                    help="host memory as train.malloc sets it for the trainer (auto: reuse freed blocks on CPUs); "
+                         "default: glibc's own (a fresh mmap and its page faults for every large tensor)")
     ap.add_argument("--profile", action="store_true",
                     help="also print, per op, where the MoE spends time the dense MLP does not")
     args = ap.parse_args(argv)
@@ -420,12 +427,13 @@ def run(args) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     shape = Shape(3 * args.batch, args.tokens, args.dim, args.hidden)
     target = TARGETS[(device.type, args.dtype)]
+    reuse = malloc.apply(args.malloc, device)     # process-wide: dense and MoE rows run under the same allocator
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.machine()} {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"
     print(f"# FRM MoE layer, forward + backward | torch {torch.__version__} | {where} | {args.dtype} | "
           f"{shape.num_tokens:,} tokens (3 x {args.batch} x {args.tokens}), {args.dim} -> {args.hidden} -> "
           f"{args.dim} | top-1, capacity 1.0 | {args.clock} clock, median of {args.repeat} after "
-          f"{args.warmup} warm-up | "
+          f"{args.warmup} warm-up | host malloc {'reuse' if reuse else 'glibc default'} (--malloc {args.malloc}) | "
           f"peak memory: {'cuda max_memory_allocated' if device.type == 'cuda' else 'torch.profiler CPU allocations'}")
     results = []
     for e in args.experts:

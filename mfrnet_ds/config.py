@@ -162,6 +162,9 @@ class TrainConfig:
     # torch.compile the dense ViT blocks (MoE blocks stay eager): "auto" = on CUDA devices only (on the 2-core CPU
     # it did not pay: bench/RESULTS.md), "on", "off"
     compile: Literal["auto", "on", "off"] = "auto"
+    # host memory: "reuse" keeps freed blocks for the next step (glibc mallopt, engine/malloc.py), "default" is
+    # glibc's own behaviour, "auto" = reuse on CPU devices (faster CPU steps: bench/RESULTS.md)
+    malloc: Literal["auto", "reuse", "default"] = "auto"
 
 
 @dataclass

@@ -119,8 +119,9 @@ def test_layer_output_equals_deepspeed_forward(router, k, dtype):
 
 
 def test_routers_project_in_the_model_dtype():
-    """fp32: the logits are the fp32 formula to the bit. bf16: the projection runs in bf16 (no fp32 copy of
-    the tokens), its normalisation and the logits in fp32."""
+    """fp32: the logits are the fp32 formula (linear: to the bit; cosine: to fp32 rounding, its last step is
+    model/cosine.py's). bf16: the projection runs in bf16 (no fp32 copy of the tokens), its normalisation and the
+    logits in fp32."""
     x = torch.randn(50, DIM, generator=torch.Generator().manual_seed(4))
     for router in ("linear", "cosine"):
         r = layer(router=router).router
@@ -130,7 +131,7 @@ def test_routers_project_in_the_model_dtype():
             q = F.normalize(F.linear(x, r.proj.weight, r.proj.bias), dim=-1)
             scale = r.log_scale.clamp(max=r.max_log_scale).exp()
             want = scale * (q @ F.normalize(r.centroids, dim=-1).t())
-        assert torch.equal(r.logits(x), want), router
+        assert same(r.logits(x), want, router), router
         r = r.to(torch.bfloat16)
         xb = x.bfloat16()
         if router == "linear":
@@ -140,4 +141,24 @@ def test_routers_project_in_the_model_dtype():
             scale = r.log_scale.float().clamp(max=r.max_log_scale).exp()
             want = scale * (q @ F.normalize(r.centroids.float(), dim=-1).t())
         got = r.logits(xb)
-        assert got.dtype == torch.float32 and torch.equal(got, want), router
+        assert got.dtype == torch.float32 and same(got, want, router), router
+
+
+def same(got, want, router):
+    return torch.equal(got, want) if router == "linear" else torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_logits_backward_is_the_derivative():
+    """model/cosine.py's written-out backward: gradcheck in float64, and equal to autograd through
+    F.normalize (fp64: to 1e-12), for the projected tokens, the expert vectors and the scale."""
+    from mfrnet_ds.model.cosine import cosine_logits
+    gen = torch.Generator().manual_seed(5)
+    p = torch.randn(40, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = F.normalize(torch.randn(5, 12, generator=gen, dtype=torch.float64), dim=-1).requires_grad_(True)
+    scale = torch.tensor([2.5], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(cosine_logits, (p, k, scale))
+    g = torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((cosine_logits(p, k, scale) * g).sum(), (p, k, scale))
+    want = torch.autograd.grad((scale * (F.normalize(p, dim=-1) @ k.t()) * g).sum(), (p, k, scale))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

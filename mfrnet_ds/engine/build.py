@@ -8,6 +8,7 @@ measure and test the engine the trainer runs.
 from __future__ import annotations
 
 from mfrnet_ds.engine import dist as D
+from mfrnet_ds.engine import malloc
 from mfrnet_ds.engine.optim import build_optimizer, build_scheduler, param_groups
 
 
@@ -16,7 +17,9 @@ def build_engine(model, config, info: D.DistInfo, ds_config: dict, total_steps: 
     """Collective (DeepSpeed's initialize). `total_steps` None: no LR schedule (an engine that only evaluates;
     DeepSpeed's ZeRO and bf16 wrappers still want the optimizer's MoE groups, and one never stepped allocates no
     moments). `compile`: "on", "off" or "auto" (on when the device is CUDA), train.compile's rule; compiled
-    before DeepSpeed wraps the model so the engine runs the compiled blocks."""
+    before DeepSpeed wraps the model so the engine runs the compiled blocks. Host memory follows train.malloc
+    (engine/malloc.py), for the whole process."""
+    malloc.apply(config.train.malloc, info.device)
     if compile == "on" or (compile == "auto" and info.device.type == "cuda"):
         model.compile_dense_blocks()
     optimizer = build_optimizer(param_groups(model, config.optim), config.optim, info.device)

@@ -27,6 +27,7 @@ from deepspeed.moe.sharded_moe import (TopKGate, _capacity, multiplicative_jitte
 from torch import nn
 
 from mfrnet_ds.config import MoEConfig
+from mfrnet_ds.model.cosine import cosine_logits
 from mfrnet_ds.model.moe_dispatch import Expert as Expert  # re-exported: the experts' home is moe_dispatch
 from mfrnet_ds.model.moe_dispatch import GroupedMOELayer
 
@@ -232,10 +233,10 @@ class CosineRouter(_Router):
     def logits(self, x):
         # the 768 -> 256 projection is most of the router's cost: model dtype; its normalisation in fp32
         projected = F.linear(x, self.proj.weight.to(x.dtype), self.proj.bias.to(x.dtype))
-        q = F.normalize(projected.float(), dim=-1)
         keys = F.normalize(self.centroids.float(), dim=-1)
         scale = self.log_scale.float().clamp(max=self.max_log_scale).exp()
-        return scale * (q @ keys.t())          # (tokens, experts)
+        # scale * normalize(projected) @ keys.T, with its backward written out (model/cosine.py)
+        return cosine_logits(projected.float(), keys, scale)          # (tokens, experts)
 
 
 ROUTERS = {"linear": LinearRouter, "cosine": CosineRouter}

@@ -6,19 +6,23 @@ copy of the output. On CPU those copies cost more than the routing itself (bench
 changes three things and keeps the rest (the gate call, the capacity, `_AllToAll` for ep_size > 1, the
 per-expert parameters and so the checkpoint layout):
 
-- dispatch (top-1): every kept token is copied once into a zeroed (E * C, D) slot buffer (`index_copy_`);
-  a token over capacity lands on one scratch row past the end, so the copy needs no branch;
+- dispatch (top-1): one gather fills the (E * C, D) slot buffer: each slot its token, an empty slot a copy of
+  token 0 that nothing reads (DeepSpeed: a zeroed buffer, written where tokens go), so no buffer is zeroed;
 - experts: when they are `Expert`s, the local experts run as two `baddbmm`s over their weights stacked in
   forward (E_local, H, D) - per slot exactly the `addmm` of each expert's `nn.Linear`;
 - combine (top-1): one gather from the expert output, times the gate in fp32 as DeepSpeed's; a dropped token
   reads slot 0 with its gate forced to 0, where DeepSpeed reads a zero row appended to a copy of the output.
 Dispatch and combine are autograd functions so that the backward also makes one copy each way.
 
-On CPU every (tokens, D) tensor allocated costs a fresh mmap and its page faults (~30 ms at the paper's
-shapes, more than the copy itself), so the count of such tensors is what these functions cut.
+Under glibc's default allocator every (tokens, D) tensor allocated on CPU costs a fresh mmap and its page faults
+(~30 ms at the paper's shapes, more than the copy itself), so the count of such tensors is what these functions
+cut; the trainer now keeps freed blocks on CPUs instead (train.malloc, engine/malloc.py), which removes most of
+that cost, and fewer full passes over them (no zero fill) is what is left to save.
 
 The output equals DeepSpeed's own forward for every input (tests/test_moe_speed.py), except that a dropped
-token's output is 0 x (slot 0's output) rather than 0 x 0, which differs only when that output is not finite;
+token's output is 0 x (slot 0's output) rather than 0 x 0, and an empty slot's zero gradient reaches the experts'
+weights as 0 x (what token 0 makes there) rather than 0 x (what zeros make): they differ only where those are not
+finite (and then the loss is not finite either);
 gradients equal it in fp32 up to the summation order of the gate's dot product (in bf16 the combine's
 backward runs in bf16, where DeepSpeed's runs in fp32: equal to bf16 rounding). k > 1 uses DeepSpeed's own
 encode/decode (several routes per token, which its gather sums in its order).
@@ -81,11 +85,19 @@ class GroupedMOELayer(MOELayer):
 
 
 def _dispatch(tokens_sd: torch.Tensor, slots_ks: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Tokens into their expert slots, (E, C, D); empty slots hold zeros."""
+    """Tokens into their expert slots, (E, C, D). Top-k > 1: DeepSpeed's (empty slots hold zeros); top-1: an empty
+    slot holds a copy of token 0 (see `_DispatchTop1`)."""
     if slots_ks.shape[0] > 1:
         return _sparse_encode(tokens_sd, slots_ks, num_experts, capacity)
     slots_nd = _DispatchTop1.apply(tokens_sd, slots_ks[0], num_experts * capacity)
     return slots_nd.view(num_experts, capacity, tokens_sd.shape[1])
+
+
+def _slot_tokens(slot_s: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(N,) the token each slot holds, from each token's slot (S,) (N = dropped); an empty slot: token 0."""
+    token_n = slot_s.new_zeros(num_slots + 1)
+    token_n.index_copy_(0, slot_s, torch.arange(slot_s.shape[0], device=slot_s.device, dtype=slot_s.dtype))
+    return token_n[:num_slots]      # row N, written by every dropped token, is no slot
 
 
 def _combine(out_nd: torch.Tensor, slots_ks: torch.Tensor, indices_ks: torch.Tensor,
@@ -98,16 +110,16 @@ def _combine(out_nd: torch.Tensor, slots_ks: torch.Tensor, indices_ks: torch.Ten
 
 
 class _DispatchTop1(torch.autograd.Function):
-    """(S, D) tokens -> (N, D) slots: token s copied to slot[s]; slot N (one past the end) takes the dropped
-    tokens. One zeroed buffer and one copy each way; autograd's version would add a padded gradient copy."""
+    """(S, D) tokens -> (N, D) slots: slot n holds its token, an empty slot token 0 (DeepSpeed's: zeros), as one
+    gather with no zeroed buffer to fill first. Nothing reads an empty slot's output (the combine gives it a zero
+    gradient), so what it holds reaches no weight gradient (x 0) and no token; a dropped token (slot N) gets a
+    zero gradient. One copy each way; autograd's version would add a padded gradient copy."""
 
     @staticmethod
     def forward(ctx, tokens_sd, slot_s, num_slots):
-        buffer = tokens_sd.new_zeros(num_slots + 1, tokens_sd.shape[1])
-        buffer.index_copy_(0, slot_s, tokens_sd)
         ctx.save_for_backward(slot_s)
         ctx.num_slots = num_slots
-        return buffer[:num_slots]
+        return tokens_sd.index_select(0, _slot_tokens(slot_s, num_slots))
 
     @staticmethod
     def backward(ctx, grad_nd):
@@ -131,16 +143,18 @@ class _CombineTop1(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sd):
         out_nd, slot_s, gate_s = ctx.saved_tensors
-        num_slots, dim = out_nd.shape
-        # the token gradients in slot order (row N: the dropped tokens'), then x each slot's gate. In the
-        # model dtype, not DeepSpeed's fp32: in bf16 its fp32 copies were a third of the layer's extra time.
-        grad_nd = grad_sd.new_zeros(num_slots + 1, dim).index_copy_(0, slot_s, grad_sd)
+        num_slots = out_nd.shape[0]
+        # the token gradients in slot order, then x each slot's gate: 0 for an empty slot (its gathered row, token
+        # 0's, is only a placeholder: no zeroed buffer to fill). In the model dtype, not DeepSpeed's fp32: in bf16
+        # its fp32 copies were a third of the layer's extra time.
+        grad_nd = grad_sd.index_select(0, _slot_tokens(slot_s, num_slots))
         # an einsum is a batched matmul: the row-wise dot products allocate no (N, D) product
-        grad_gate_n = torch.einsum("nd,nd->n", grad_nd[:num_slots], out_nd).to(gate_s.dtype)
+        grad_gate_n = torch.einsum("nd,nd->n", grad_nd, out_nd).to(gate_s.dtype)
+        # a token reads its slot's; a dropped token (slot N) the appended 0; no token reads an empty slot's
         grad_gate_s = torch.cat([grad_gate_n, grad_gate_n.new_zeros(1)]).index_select(0, slot_s)
-        gate_n = gate_s.new_zeros(num_slots + 1).index_copy_(0, slot_s, gate_s)
+        gate_n = gate_s.new_zeros(num_slots + 1).index_copy_(0, slot_s, gate_s)[:num_slots]
         grad_nd.mul_(gate_n.to(grad_nd.dtype).unsqueeze(1))
-        return grad_nd[:num_slots], None, grad_gate_s
+        return grad_nd, None, grad_gate_s
 
 
 def run_experts(experts: nn.ModuleList, x_gecd: torch.Tensor) -> torch.Tensor:

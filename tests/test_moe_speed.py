@@ -97,9 +97,9 @@ def test_grouped_dropout_is_per_element():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_output_equals_deepspeed_forward(router, k, dtype):
     """Our forward against DeepSpeed's own MOELayer.forward on the same module, gate and RNG, with tokens over
-    capacity: equal outputs (fp32 and bf16). Gradients: top-1's gate gradient is a row-wise dot product (a
-    product summed over D; DeepSpeed's too, after its fp32 copies), equal up to summation order; top-2 uses
-    DeepSpeed's encode/decode (fp32: equal to the bit)."""
+    capacity: equal outputs (fp32 and bf16). Gradients: top-1's gate gradient is a row-wise dot product taken
+    as an einsum (DeepSpeed: a product summed), equal up to summation order; top-2 uses DeepSpeed's
+    encode/decode (fp32: equal to the bit)."""
     moe = layer(router=router, top_k=k, dtype=dtype)
     # 320 tokens: 40 slots per expert, the row count the expert-loop test checks bmm against addmm at
     x = torch.randn(2, 160, DIM, generator=torch.Generator().manual_seed(2)).to(dtype)

@@ -148,9 +148,8 @@ class _CombineTop1(torch.autograd.Function):
         # 0's, is only a placeholder: no zeroed buffer to fill). In the model dtype, not DeepSpeed's fp32: in bf16
         # its fp32 copies were a third of the layer's extra time.
         grad_nd = grad_sd.index_select(0, _slot_tokens(slot_s, num_slots))
-        # the row-wise dot products as a product and a sum: half the time of einsum's (N, 1, D) x (N, D, 1)
-        # batched matmul on CPU (the (N, D) product is a reused block under train.malloc=reuse)
-        grad_gate_n = (grad_nd * out_nd).sum(1).to(gate_s.dtype)
+        # an einsum is a batched matmul: the row-wise dot products allocate no (N, D) product
+        grad_gate_n = torch.einsum("nd,nd->n", grad_nd, out_nd).to(gate_s.dtype)
         # a token reads its slot's; a dropped token (slot N) the appended 0; no token reads an empty slot's
         grad_gate_s = torch.cat([grad_gate_n, grad_gate_n.new_zeros(1)]).index_select(0, slot_s)
         gate_n = gate_s.new_zeros(num_slots + 1).index_copy_(0, slot_s, gate_s)[:num_slots]

@@ -119,7 +119,8 @@ def activation_bytes(config: Config, facts: list[MoEFacts], micro: int, tokens_p
     its reshaped copy, ln_2 input (D each: 8D) + the attention's log-sum-exp (4h bytes) + LayerNorm
     statistics; MLP: fc1 input (D) and fc1 output, QuickGELU's sigmoid, fc2 input (3 x 4D).
     A MoE layer instead of the MLP: router input in fp32 (4D bytes), gate softmax and int64 one-hot
-    (12E bytes), the cosine router's projection and normalised query (2 x 4P bytes); per slot of the
+    (12E bytes), the cosine router's fp32 projection, logits before scaling and norm (4P + 4E + 4 bytes:
+    model/cosine.py); per slot of the
     dispatch buffer (E x capacity of them): expert input (D) and hidden (H) plus the dropout mask (H bytes);
     per token the gathered expert output (k x D) kept for the gate multiply. The FFM's fused mix keeps each
     generator's output (D). Plus the input images and ln_pre / final-norm inputs. Fused attention assumed:
@@ -133,7 +134,8 @@ def activation_bytes(config: Config, facts: list[MoEFacts], micro: int, tokens_p
 
     def moe_bytes(moe: MoEFacts, keep_output: bool) -> float:
         slots = moe.num_experts * capacity(moe, n)
-        router = n * (4 * D + 12 * moe.num_experts + 2 * 4 * moe.router_proj)
+        cosine = 4 * (moe.router_proj + moe.num_experts + 1) if moe.router_proj else 0
+        router = n * (4 * D + 12 * moe.num_experts + cosine)
         experts = slots * ((D + moe.hidden) * b + moe.hidden)
         combine = n * moe.top_k * D * b + (n * D * b if keep_output else 0)
         return router + experts + combine

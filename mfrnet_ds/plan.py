@@ -307,7 +307,8 @@ def main(argv=None) -> int:
                     help="triplets/s one loader worker makes (bench/loader.py on your nodes)")
     args = ap.parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        # no weights are read: a recipe's model.pretrained=required (or a path) changes no figure of the plan
+        config = load_config(args.config, [*args.overrides, "model.pretrained=none"])
         result = plan(config, args.nodes, args.gpus_per_node, link_gbps=args.link_gbps,
                       intra_node_gbps=args.intra_node_gbps, gpu_tflops=args.gpu_tflops, gpu_mem_gb=args.gpu_mem_gb,
                       micro_batch=args.micro_batch, zero_stage=args.zero_stage, mfu=args.mfu,

@@ -178,3 +178,10 @@ def test_plan_derives_loader_workers_from_the_steps_demand():
     assert p["loader"]["demand"] == pytest.approx(p["samples_per_s"] / 8)
     assert p["loader"]["workers"] == math.ceil(p["loader"]["demand"] / 100.0) + 1
     assert "data.num_workers >= " in format_plan(p)
+
+
+def test_paper_recipe_plans_without_its_weights_file(capsys):
+    """configs/rgbnt201.yaml says model.pretrained=required (training stops until a file is given); a capacity
+    plan reads no weights, so the documented command works as it is."""
+    assert main(["--config", str(ROOT / "configs" / "rgbnt201.yaml"), "--nodes", "1", "--gpus-per-node", "8"]) == 0
+    assert "capacity plan: preset base" in capsys.readouterr().out

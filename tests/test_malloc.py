@@ -12,19 +12,22 @@ from mfrnet_ds.engine import malloc
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
-# 64 MiB filled, freed and filled again: the minor page faults per repeat, after two to warm up
+# 64 MiB filled, freed and filled again: the minor page faults of each repeat after two to warm up. The median
+# of eight: now and then a small allocation lands in the freed block and one repeat takes fresh pages.
 PROBE = """
-import json, resource, sys, torch
+import json, resource, statistics, sys, torch
 from mfrnet_ds.engine import malloc
 on = malloc.apply(sys.argv[1], torch.device(sys.argv[2]))
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):          # the heap grows to hold it (the first two take their faults)
+for _ in range(2):
     torch.ones(16 << 20)
-start = faults()
-for _ in range(4):
+each = []
+for _ in range(8):
+    start = faults()
     torch.ones(16 << 20)
-print(json.dumps({"on": on, "faults": (faults() - start) / 4}))
+    each.append(faults() - start)
+print(json.dumps({"on": on, "faults": statistics.median(each)}))
 """
 
 
@@ -33,17 +36,25 @@ def probe(mode: str, device: str = "cpu") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+PAGES = (64 << 20) // 4096
+
+
+def fresh_every_time(faults: float) -> bool:
+    # a fresh mmap per tensor: a fault per 4 KiB page, or per 2 MiB where transparent huge pages are "always"
+    return faults >= (64 << 20) // (2 << 20)
+
+
 def test_reuse_keeps_large_blocks_mapped():
     default, reuse = probe("default"), probe("reuse")
-    pages = (64 << 20) // 4096
-    assert default["on"] is False and default["faults"] > pages / 2, default   # a fresh mmap every time
-    assert reuse["on"] is True and reuse["faults"] < pages / 50, reuse          # the same pages again
+    assert default["on"] is False and fresh_every_time(default["faults"]), default
+    assert reuse["on"] is True and reuse["faults"] < min(PAGES / 50, default["faults"] / 20), (reuse, default)
 
 
 def test_auto_means_reuse_on_cpu_only():
-    assert probe("auto", "cpu")["on"] is True
+    cpu = probe("auto", "cpu")
+    assert cpu["on"] is True and cpu["faults"] < PAGES / 50, cpu
     cuda = probe("auto", "cuda")           # a device string is enough: nothing runs on it
-    assert cuda["on"] is False and cuda["faults"] > (64 << 20) // 4096 / 2, cuda
+    assert cuda["on"] is False and fresh_every_time(cuda["faults"]), cuda
 
 
 def test_unknown_mode_is_refused():

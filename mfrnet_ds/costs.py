@@ -120,8 +120,8 @@ def activation_bytes(config: Config, facts: list[MoEFacts], micro: int, tokens_p
     statistics; MLP: fc1 input (D) and fc1 output, QuickGELU's sigmoid, fc2 input (3 x 4D).
     A MoE layer instead of the MLP: router input in fp32 (4D bytes), gate softmax and int64 one-hot
     (12E bytes), the cosine router's fp32 projection, logits before scaling and norm (4P + 4E + 4 bytes:
-    model/cosine.py); per slot of the
-    dispatch buffer (E x capacity of them): expert input (D) and hidden (H) plus the dropout mask (H bytes);
+    model/cosine.py); per slot of the dispatch buffer (E x capacity of them): expert input (D) and hidden (H)
+    plus the dropout mask (H bytes);
     per token the gathered expert output (k x D) kept for the gate multiply. The FFM's fused mix keeps each
     generator's output (D). Plus the input images and ln_pre / final-norm inputs. Fused attention assumed:
     no T x T matrix is kept (timm uses scaled_dot_product_attention).

@@ -71,7 +71,9 @@ class GroupedMOELayer(MOELayer):
         # a host tensor with drop_tokens (no sync); without, a device count the buffers' shape needs
         slots_per_expert = int(capacity)
         slots_ks = _route_slots(indices_ks, locations_ks, num_experts, slots_per_expert)  # dropped: E * C
-        dispatched_ecd = _dispatch(tokens_sd, slots_ks, num_experts, slots_per_expert)
+        # top-1: the token each slot holds, for the dispatch and for the combine's backward (made once)
+        token_n = _slot_tokens(slots_ks[0], num_experts * slots_per_expert) if slots_ks.shape[0] == 1 else None
+        dispatched_ecd = _dispatch(tokens_sd, slots_ks, token_n, num_experts, slots_per_expert)
         if self.ep_size > 1:
             dispatched_ecd = _AllToAll.apply(self.ep_group, dispatched_ecd)
         # after the all-to-all: (ep, E_local, C, D), this rank's experts' slots from every rank of the group
@@ -80,16 +82,17 @@ class GroupedMOELayer(MOELayer):
         out_ecd = out.reshape(num_experts, -1, dim)
         if self.ep_size > 1:
             out_ecd = _AllToAll.apply(self.ep_group, out_ecd)
-        combined_sd = _combine(out_ecd.reshape(-1, dim), slots_ks, indices_ks, gates_ks)
+        combined_sd = _combine(out_ecd.reshape(-1, dim), slots_ks, token_n, indices_ks, gates_ks)
         return combined_sd.reshape(x.shape)
 
 
-def _dispatch(tokens_sd: torch.Tensor, slots_ks: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+def _dispatch(tokens_sd: torch.Tensor, slots_ks: torch.Tensor, token_n: torch.Tensor | None, num_experts: int,
+              capacity: int) -> torch.Tensor:
     """Tokens into their expert slots, (E, C, D). Top-k > 1: DeepSpeed's (empty slots hold zeros); top-1: an empty
     slot holds a copy of token 0 (see `_DispatchTop1`)."""
     if slots_ks.shape[0] > 1:
         return _sparse_encode(tokens_sd, slots_ks, num_experts, capacity)
-    slots_nd = _DispatchTop1.apply(tokens_sd, slots_ks[0], num_experts * capacity)
+    slots_nd = _DispatchTop1.apply(tokens_sd, slots_ks[0], token_n)
     return slots_nd.view(num_experts, capacity, tokens_sd.shape[1])
 
 
@@ -100,13 +103,13 @@ def _slot_tokens(slot_s: torch.Tensor, num_slots: int) -> torch.Tensor:
     return token_n[:num_slots]      # row N, written by every dropped token, is no slot
 
 
-def _combine(out_nd: torch.Tensor, slots_ks: torch.Tensor, indices_ks: torch.Tensor,
+def _combine(out_nd: torch.Tensor, slots_ks: torch.Tensor, token_n: torch.Tensor | None, indices_ks: torch.Tensor,
              gates_ks: torch.Tensor) -> torch.Tensor:
     """Each token's gate-weighted expert output, (S, D), in the output dtype; DeepSpeed's product in fp32."""
     if slots_ks.shape[0] > 1:
         return _sparse_decode(out_nd, slots_ks, gates_ks, slots_ks.shape[1])
     kept_s = indices_ks[0] >= 0
-    return _CombineTop1.apply(out_nd, slots_ks[0], gates_ks[0] * kept_s)
+    return _CombineTop1.apply(out_nd, slots_ks[0], token_n, gates_ks[0] * kept_s)
 
 
 class _DispatchTop1(torch.autograd.Function):
@@ -116,10 +119,10 @@ class _DispatchTop1(torch.autograd.Function):
     zero gradient. One copy each way; autograd's version would add a padded gradient copy."""
 
     @staticmethod
-    def forward(ctx, tokens_sd, slot_s, num_slots):
+    def forward(ctx, tokens_sd, slot_s, token_n):
         ctx.save_for_backward(slot_s)
-        ctx.num_slots = num_slots
-        return tokens_sd.index_select(0, _slot_tokens(slot_s, num_slots))
+        ctx.num_slots = token_n.shape[0]
+        return tokens_sd.index_select(0, token_n)
 
     @staticmethod
     def backward(ctx, grad_nd):
@@ -133,28 +136,28 @@ class _CombineTop1(torch.autograd.Function):
     rounded to the output dtype. A dropped token (slot N) reads slot 0; the caller sets its gate to 0."""
 
     @staticmethod
-    def forward(ctx, out_nd, slot_s, gate_s):
+    def forward(ctx, out_nd, slot_s, token_n, gate_s):
         num_slots = out_nd.shape[0]
         read_s = torch.where(slot_s < num_slots, slot_s, 0)
-        ctx.save_for_backward(out_nd, slot_s, gate_s)
+        ctx.save_for_backward(out_nd, slot_s, token_n, gate_s)
         product_sd = out_nd.index_select(0, read_s).to(gate_s.dtype).mul_(gate_s.unsqueeze(1))
         return product_sd.to(out_nd.dtype)        # in fp32, .to() returns the same tensor: no copies
 
     @staticmethod
     def backward(ctx, grad_sd):
-        out_nd, slot_s, gate_s = ctx.saved_tensors
+        out_nd, slot_s, token_n, gate_s = ctx.saved_tensors
         num_slots = out_nd.shape[0]
         # the token gradients in slot order, then x each slot's gate: 0 for an empty slot (its gathered row, token
         # 0's, is only a placeholder: no zeroed buffer to fill). In the model dtype, not DeepSpeed's fp32: in bf16
         # its fp32 copies were a third of the layer's extra time.
-        grad_nd = grad_sd.index_select(0, _slot_tokens(slot_s, num_slots))
+        grad_nd = grad_sd.index_select(0, token_n)
         # an einsum is a batched matmul: the row-wise dot products allocate no (N, D) product
         grad_gate_n = torch.einsum("nd,nd->n", grad_nd, out_nd).to(gate_s.dtype)
         # a token reads its slot's; a dropped token (slot N) the appended 0; no token reads an empty slot's
         grad_gate_s = torch.cat([grad_gate_n, grad_gate_n.new_zeros(1)]).index_select(0, slot_s)
         gate_n = gate_s.new_zeros(num_slots + 1).index_copy_(0, slot_s, gate_s)[:num_slots]
         grad_nd.mul_(gate_n.to(grad_nd.dtype).unsqueeze(1))
-        return grad_nd, None, grad_gate_s
+        return grad_nd, None, None, grad_gate_s
 
 
 def run_experts(experts: nn.ModuleList, x_gecd: torch.Tensor) -> torch.Tensor:

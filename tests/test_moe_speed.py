@@ -94,13 +94,15 @@ def test_grouped_dropout_is_per_element():
 
 
 @pytest.mark.parametrize("router, k", [("linear", 1), ("cosine", 1), ("cosine", 2)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_output_equals_deepspeed_forward(router, k, dtype):
+@pytest.mark.parametrize("dtype, capacity_factor", [(torch.float32, 0.5), (torch.bfloat16, 0.5), (torch.float32, 1.0)])
+def test_layer_output_equals_deepspeed_forward(router, k, dtype, capacity_factor):
     """Our forward against DeepSpeed's own MOELayer.forward on the same module, gate and RNG, with tokens over
-    capacity: equal outputs (fp32 and bf16). Gradients: top-1's gate gradient is a row-wise dot product taken
-    as an einsum (DeepSpeed: a product summed), equal up to summation order; top-2 uses DeepSpeed's
-    encode/decode (fp32: equal to the bit)."""
-    moe = layer(router=router, top_k=k, dtype=dtype)
+    capacity: equal outputs (fp32 and bf16). Gradients: top-1's gate gradient is a row-wise dot product summed
+    in blocks (DeepSpeed: in one einsum), equal up to summation order; top-2 uses DeepSpeed's encode/decode
+    (fp32: equal to the bit). Capacity 0.5: fewer slots than tokens, a dropped token's gradient is masked to 0;
+    1.0: as many slots as tokens, so a dropped token leaves an empty slot and reads its zero gradient there
+    (dtype-blind; in bf16 an expert's bias gradient sums 80 slots and cancels to within bf16 noise of both)."""
+    moe = layer(router=router, top_k=k, dtype=dtype, capacity_factor=capacity_factor)
     # 320 tokens: 40 slots per expert, the row count the expert-loop test checks bmm against addmm at
     x = torch.randn(2, 160, DIM, generator=torch.Generator().manual_seed(2)).to(dtype)
     want = forward_backward(lambda t: MOELayer.forward(moe.moe.deepspeed_moe, t, None), moe, x)

@@ -12,7 +12,9 @@ per-expert parameters and so the checkpoint layout):
   forward (E_local, H, D) - per slot exactly the `addmm` of each expert's `nn.Linear`;
 - combine (top-1): one gather from the expert output, times the gate in fp32 as DeepSpeed's; a dropped token
   reads slot 0 with its gate forced to 0, where DeepSpeed reads a zero row appended to a copy of the output.
-Dispatch and combine are autograd functions so that the backward also makes one copy each way.
+Dispatch and combine are autograd functions so that the backward also makes one copy each way: a dropped
+token's zero gradient is read from an empty slot where one must exist (more slots than tokens, token-wise
+experts), and the gate's gradient, a dot product per slot, is summed in cache-sized blocks on CPU.
 
 Under glibc's default allocator every (tokens, D) tensor allocated on CPU costs a fresh mmap and its page faults
 (~30 ms at the paper's shapes, more than the copy itself), so the count of such tensors is what these functions
@@ -24,7 +26,7 @@ token's output is 0 x (slot 0's output) rather than 0 x 0, and an empty slot's z
 weights as 0 x (what token 0 makes there) rather than 0 x (what zeros make): they differ only where those are not
 finite (and then the loss is not finite either);
 gradients equal it in fp32 up to the summation order of the gate's dot product (in bf16 the combine's
-backward runs in bf16, where DeepSpeed's runs in fp32: equal to bf16 rounding). k > 1 uses DeepSpeed's own
+backward scales the gradient in bf16, where DeepSpeed's runs in fp32: equal to bf16 rounding). k > 1 uses DeepSpeed's own
 encode/decode (several routes per token, which its gather sums in its order).
 Host syncs: none of our own; `int(capacity)` reads a host tensor when tokens are dropped (DeepSpeed computes
 it from shapes), and the device's largest expert count when they are not (drop_tokens=False: one per layer).
@@ -73,7 +75,8 @@ class GroupedMOELayer(MOELayer):
         slots_ks = _route_slots(indices_ks, locations_ks, num_experts, slots_per_expert)  # dropped: E * C
         # top-1: the token each slot holds, for the dispatch and for the combine's backward (made once)
         token_n = _slot_tokens(slots_ks[0], num_experts * slots_per_expert) if slots_ks.shape[0] == 1 else None
-        dispatched_ecd = _dispatch(tokens_sd, slots_ks, token_n, num_experts, slots_per_expert)
+        token_wise = all(isinstance(e, Expert) for e in self.experts.deepspeed_experts)
+        dispatched_ecd = _dispatch(tokens_sd, slots_ks, token_n, num_experts, slots_per_expert, token_wise)
         if self.ep_size > 1:
             dispatched_ecd = _AllToAll.apply(self.ep_group, dispatched_ecd)
         # after the all-to-all: (ep, E_local, C, D), this rank's experts' slots from every rank of the group
@@ -87,13 +90,27 @@ class GroupedMOELayer(MOELayer):
 
 
 def _dispatch(tokens_sd: torch.Tensor, slots_ks: torch.Tensor, token_n: torch.Tensor | None, num_experts: int,
-              capacity: int) -> torch.Tensor:
+              capacity: int, token_wise: bool) -> torch.Tensor:
     """Tokens into their expert slots, (E, C, D). Top-k > 1: DeepSpeed's (empty slots hold zeros); top-1: an empty
-    slot holds a copy of token 0 (see `_DispatchTop1`)."""
+    slot holds a copy of token 0 (see `_DispatchTop1`). token_wise: the experts act on each slot alone."""
     if slots_ks.shape[0] > 1:
         return _sparse_encode(tokens_sd, slots_ks, num_experts, capacity)
-    slots_nd = _DispatchTop1.apply(tokens_sd, slots_ks[0], token_n)
+    slot_s = slots_ks[0]
+    num_slots = num_experts * capacity
+    # Where each token reads its gradient back from. A dropped token's is 0; with more slots than tokens a
+    # dropped token leaves an empty slot behind, whose gradient is exactly 0 when the experts are token-wise
+    # (nothing reads its output): reading it there saves a masked pass over every token's gradient.
+    read_s = _empty_slot_for_dropped(slot_s, num_slots) if token_wise and num_slots >= slot_s.shape[0] else None
+    slots_nd = _DispatchTop1.apply(tokens_sd, slot_s, token_n, read_s)
     return slots_nd.view(num_experts, capacity, tokens_sd.shape[1])
+
+
+def _empty_slot_for_dropped(slot_s: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(S,) each token's slot, a dropped token's (slot N) replaced by the first empty slot (device ops only: with
+    N >= S slots one exists whenever a token is dropped)."""
+    occupied_n = torch.zeros(num_slots + 1, dtype=torch.bool, device=slot_s.device).index_fill_(0, slot_s, True)
+    first_empty = (~occupied_n[:num_slots]).int().argmax()
+    return torch.where(slot_s < num_slots, slot_s, first_empty)
 
 
 def _slot_tokens(slot_s: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -116,19 +133,22 @@ class _DispatchTop1(torch.autograd.Function):
     """(S, D) tokens -> (N, D) slots: slot n holds its token, an empty slot token 0 (DeepSpeed's: zeros), as one
     gather with no zeroed buffer to fill first. Nothing reads an empty slot's output (the combine gives it a zero
     gradient), so what it holds reaches no weight gradient (x 0) and no token; a dropped token (slot N) gets a
-    zero gradient. One copy each way; autograd's version would add a padded gradient copy."""
+    zero gradient: read from an empty slot (`read_s`, see `_dispatch`), else masked. One copy each way;
+    autograd's version would add a padded gradient copy."""
 
     @staticmethod
-    def forward(ctx, tokens_sd, slot_s, token_n):
-        ctx.save_for_backward(slot_s)
+    def forward(ctx, tokens_sd, slot_s, token_n, read_s):
+        ctx.save_for_backward(slot_s, read_s)
         ctx.num_slots = token_n.shape[0]
         return tokens_sd.index_select(0, token_n)
 
     @staticmethod
     def backward(ctx, grad_nd):
-        (slot_s,) = ctx.saved_tensors
+        slot_s, read_s = ctx.saved_tensors
+        if read_s is not None:
+            return grad_nd.index_select(0, read_s), None, None, None
         grad_sd = grad_nd.index_select(0, slot_s.clamp(max=ctx.num_slots - 1))
-        return grad_sd.masked_fill_((slot_s == ctx.num_slots).unsqueeze(1), 0), None, None
+        return grad_sd.masked_fill_((slot_s == ctx.num_slots).unsqueeze(1), 0), None, None, None
 
 
 class _CombineTop1(torch.autograd.Function):
@@ -151,13 +171,25 @@ class _CombineTop1(torch.autograd.Function):
         # 0's, is only a placeholder: no zeroed buffer to fill). In the model dtype, not DeepSpeed's fp32: in bf16
         # its fp32 copies were a third of the layer's extra time.
         grad_nd = grad_sd.index_select(0, token_n)
-        # an einsum is a batched matmul: the row-wise dot products allocate no (N, D) product
-        grad_gate_n = torch.einsum("nd,nd->n", grad_nd, out_nd).to(gate_s.dtype)
+        grad_gate_n = _row_dots(grad_nd, out_nd).to(gate_s.dtype)
         # a token reads its slot's; a dropped token (slot N) the appended 0; no token reads an empty slot's
         grad_gate_s = torch.cat([grad_gate_n, grad_gate_n.new_zeros(1)]).index_select(0, slot_s)
         gate_n = gate_s.new_zeros(num_slots + 1).index_copy_(0, slot_s, gate_s)[:num_slots]
         grad_nd.mul_(gate_n.to(grad_nd.dtype).unsqueeze(1))
         return grad_nd, None, None, grad_gate_s
+
+
+def _row_dots(a_nd: torch.Tensor, b_nd: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """(N,) fp32 dot products of matching rows, without an (N, D) product tensor. On CUDA one einsum (a batched
+    matmul); on CPU that bmm of N 1 x D x 1 products is 3x slower than a product and a sum, so those run on
+    blocks of rows that stay in cache (in fp32: bf16 inputs are widened a block at a time)."""
+    if a_nd.device.type != "cpu":
+        return torch.einsum("nd,nd->n", a_nd, b_nd).float()
+    out_n = torch.empty(a_nd.shape[0], dtype=torch.float32, device=a_nd.device)
+    for start in range(0, a_nd.shape[0], rows):
+        block = slice(start, start + rows)
+        torch.sum(a_nd[block].float() * b_nd[block].float(), dim=1, out=out_n[block])
+    return out_n
 
 
 def run_experts(experts: nn.ModuleList, x_gecd: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,10 @@ def test_grouped_experts_equal_the_loop_outputs_and_gradients(ep):
     assert want[2].keys() == got[2].keys() and len(want[2]) == 4 * len(experts)
     for name in want[2]:
         assert torch.equal(got[2][name], want[2][name]), name
+    # the stacked weights' gradient is handed to the experts as slices of one tensor, not copied slice by slice
+    for weight in ("fc1", "fc2"):
+        storages = {getattr(e, weight).weight.grad.untyped_storage().data_ptr() for e in experts}
+        assert len(storages) == 1, weight
 
 
 def test_shared_experts_grouped_equal_the_loop():

@@ -26,8 +26,8 @@ token's output is 0 x (slot 0's output) rather than 0 x 0, and an empty slot's z
 weights as 0 x (what token 0 makes there) rather than 0 x (what zeros make): they differ only where those are not
 finite (and then the loss is not finite either);
 gradients equal it in fp32 up to the summation order of the gate's dot product (in bf16 the combine's
-backward scales the gradient in bf16, where DeepSpeed's runs in fp32: equal to bf16 rounding). k > 1 uses DeepSpeed's own
-encode/decode (several routes per token, which its gather sums in its order).
+backward scales the gradient in bf16, where DeepSpeed's runs in fp32: equal to bf16 rounding). k > 1 uses
+DeepSpeed's own encode/decode (several routes per token, which its gather sums in its order).
 Host syncs: none of our own; `int(capacity)` reads a host tensor when tokens are dropped (DeepSpeed computes
 it from shapes), and the device's largest expert count when they are not (drop_tokens=False: one per layer).
 """

@@ -75,8 +75,8 @@ class GroupedMOELayer(MOELayer):
         slots_ks = _route_slots(indices_ks, locations_ks, num_experts, slots_per_expert)  # dropped: E * C
         # top-1: the token each slot holds, for the dispatch and for the combine's backward (made once)
         token_n = _slot_tokens(slots_ks[0], num_experts * slots_per_expert) if slots_ks.shape[0] == 1 else None
-        token_wise = all(isinstance(e, Expert) for e in self.experts.deepspeed_experts)
-        dispatched_ecd = _dispatch(tokens_sd, slots_ks, token_n, num_experts, slots_per_expert, token_wise)
+        dispatched_ecd = _dispatch(tokens_sd, slots_ks, token_n, num_experts, slots_per_expert,
+                                   token_wise=_all_expert_mlps(self.experts.deepspeed_experts))
         if self.ep_size > 1:
             dispatched_ecd = _AllToAll.apply(self.ep_group, dispatched_ecd)
         # after the all-to-all: (ep, E_local, C, D), this rank's experts' slots from every rank of the group
@@ -192,9 +192,14 @@ def _row_dots(a_nd: torch.Tensor, b_nd: torch.Tensor, rows: int = 1024) -> torch
     return out_n
 
 
+def _all_expert_mlps(experts: nn.ModuleList) -> bool:
+    """Every expert is an `Expert`: token-wise (each slot alone) and with weights that stack for batched matmuls."""
+    return all(isinstance(e, Expert) for e in experts)
+
+
 def run_experts(experts: nn.ModuleList, x_gecd: torch.Tensor) -> torch.Tensor:
     """The local experts on their slots: x (ep, E_local, C, D) -> (ep, E_local, C, D)."""
-    if not all(isinstance(e, Expert) for e in experts):
+    if not _all_expert_mlps(experts):
         return _loop(experts, x_gecd)
     ep, num_local, capacity, dim = x_gecd.shape
     x_ecd = x_gecd.transpose(0, 1).reshape(num_local, ep * capacity, dim)   # a view when ep == 1
